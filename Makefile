@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine: `make demo` and `make test`. Both install into .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# torch and torchvision come from this machine's local wheels; any torch >= 2.4 works (pyproject has no exact pin)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo demo-standard test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job on the embedded digits dataset; writes runs/demo/digits_fgsm_sdi (replaced on each demo).
+demo: install
+	$(BIN)/raydist train jobs/digits_fgsm_sdi.yaml --set run.output_dir=runs/demo --overwrite
+
+# The same model trained without adversarial examples, for comparison.
+demo-standard: install
+	$(BIN)/raydist train jobs/digits_standard.yaml --set run.output_dir=runs/demo --overwrite
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check raydist tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

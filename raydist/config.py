@@ -1,0 +1,366 @@
+"""Job files: schema, defaults, "8/255" parsing, and one clear error per mistake.
+
+A job file is YAML with the sections below. Everything is validated here, before Ray starts, so a typo
+costs a second instead of a cluster allocation. Every mistake raises :class:`ConfigError` whose message is
+one line naming the key (or path) at fault; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A mistake in a job file or an override; the message is one line naming the key."""
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One leaf of the schema: its kind, default and the checks its value must pass."""
+
+    kind: str  # int | float | frac | bool | str | int_list | str_list
+    default: Any = None
+    choices: Callable[[], Iterable[str]] | tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    nullable: bool = False
+    help: str = ""
+
+    def choice_list(self) -> list[str]:
+        c = self.choices() if callable(self.choices) else self.choices
+        return list(c or ())
+
+
+def _datasets() -> tuple[str, ...]:
+    from raydist.data import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _models() -> list[str]:
+    from raydist.models import list_models
+
+    return [m["name"] for m in list_models()]
+
+
+def _activations() -> list[str]:
+    from raydist.models import ACTIVATIONS
+
+    return list(ACTIVATIONS)
+
+
+def _methods() -> list[str]:
+    from raydist.methods import METHODS
+
+    return list(METHODS)
+
+
+EVAL_ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50")
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "run": {
+        "name": Field("str", None, nullable=True, help="run name; default: the job file's name"),
+        "output_dir": Field("str", "runs", help="runs are written to OUTPUT_DIR/NAME"),
+        "seed": Field("int", 0, min=0),
+        "precision": Field("str", "auto", choices=("auto", "bf16", "fp32"),
+                           help="auto: bf16 autocast on CUDA, fp32 on CPU"),
+        "channels_last": Field("str", "auto", choices=("auto", "true", "false"),
+                               help="auto: on for CUDA"),
+        "compile": Field("bool", False, help="torch.compile the model"),
+        "max_failures": Field("int", 0, min=-1, help="worker-group restarts Ray Train may make (-1: no limit)"),
+        "progress": Field("bool", True, help="print a progress line per epoch"),
+    },
+    "data": {
+        "dataset": Field("str", "digits", choices=_datasets),
+        "root": Field("str", None, nullable=True, help="where dataset files live"),
+        "download": Field("bool", False),
+        "val_size": Field("int", None, nullable=True, min=1,
+                          help="held out of the training set for model selection"),
+        "batch_size": Field("int", 128, min=1, help="per worker"),
+        "eval_batch_size": Field("int", 256, min=1),
+        "crop": Field("int", 4, min=0, help="random-crop padding in pixels (0: off)"),
+        "flip": Field("bool", True, help="random horizontal flip"),
+        "image_size": Field("int", 32, min=4, help="synthetic only"),
+        "num_classes": Field("int", 10, min=2, help="synthetic only"),
+        "channels": Field("int", 3, min=1, help="synthetic only"),
+        "train_size": Field("int", 2048, min=1, help="synthetic only"),
+        "test_size": Field("int", 512, min=1, help="synthetic only"),
+    },
+    "model": {
+        "name": Field("str", "resnet18", choices=_models),
+        "activation": Field("str", "relu", choices=_activations),
+        "width": Field("int", None, nullable=True, min=1, help="base channel count (64 for the paper models)"),
+    },
+    "method": {
+        "name": Field("str", "fgsm_sdi", choices=_methods),
+        "epsilon": Field("frac", 8 / 255, min=0, max=1, help="L-inf radius in [0,1] pixel units; 8/255 works"),
+        "label_smoothing": Field("float", 0.0, min=0, max=1),
+        # method-specific; which apply is decided by raydist.methods.METHOD_PARAMS
+        "alpha": Field("frac", None, nullable=True, min=0, min_exclusive=True, help="step size"),
+        "steps": Field("int", 10, min=1),
+        "random_start": Field("bool", True),
+        "k": Field("int", 20, min=1, help="FGSM-SDI: generator updated once every k target updates"),
+        "generator_lr": Field("float", 1e-3, min=0, min_exclusive=True),
+        "generator_weight_decay": Field("float", 5e-4, min=0),
+    },
+    "optim": {
+        "name": Field("str", "sgd", choices=("sgd",)),
+        "lr": Field("float", 0.1, min=0, min_exclusive=True, help="peak learning rate"),
+        "momentum": Field("float", 0.9, min=0, max=1),
+        "weight_decay": Field("float", 5e-4, min=0),
+        "nesterov": Field("bool", False),
+        "epochs": Field("int", 30, min=1),
+        "schedule": Field("str", "multistep", choices=("multistep", "cyclic", "cosine", "constant")),
+        "milestones": Field("int_list", None, nullable=True,
+                            help="multistep epochs; default: at 100/110 and 105/110 of the run"),
+        "gamma": Field("float", 0.1, min=0, min_exclusive=True),
+        "peak": Field("float", 0.4, min=0, max=1, help="cyclic: fraction of the run where the lr peaks"),
+    },
+    "scaling": {
+        "num_workers": Field("int", 1, min=0, help="Ray Train workers; 0 runs in the driver process"),
+        "use_gpu": Field("bool", False),
+        "cpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True),
+        "gpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True),
+    },
+    "eval": {
+        "val_steps": Field("int", 10, min=1, help="PGD steps of the per-epoch validation attack"),
+        "test_attacks": Field("str_list", list(EVAL_ATTACKS), choices=EVAL_ATTACKS),
+        "test_samples": Field("int", None, nullable=True, min=1, help="cap on test images (default: all)"),
+        "guard_drop": Field("float", None, nullable=True, min=0, max=1,
+                            help="stop when val PGD accuracy falls this far below its best"),
+    },
+}
+
+METHOD_COMMON = ("name", "epsilon", "label_smoothing")
+
+
+def parse_fraction(value: Any, key: str) -> float:
+    """Accept 0.03, 8/255, "8/255" or "0.03"; anything else is a ConfigError naming the key."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                den_f = float(den)
+                if den_f == 0:
+                    raise ZeroDivisionError
+                return float(num) / den_f
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(field: Field, value: Any, key: str) -> Any:
+    if value is None:
+        if field.nullable:
+            return None
+        raise ConfigError(f"{key}: must be set (got null)")
+    kind = field.kind
+    if kind == "frac":
+        out: Any = parse_fraction(value, key)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        out = value
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        out = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        out = value
+    elif kind == "str":
+        if isinstance(value, bool) and field.choices == ("auto", "true", "false"):
+            value = str(value).lower()
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        out = value
+    elif kind in ("int_list", "str_list"):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        want = int if kind == "int_list" else str
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, want):
+                raise ConfigError(f"{key}: expected a list of {want.__name__}s, got item {item!r}")
+        out = list(value)
+    else:  # pragma: no cover - schema bug
+        raise AssertionError(kind)
+
+    choices = field.choice_list()
+    if choices:
+        for item in out if isinstance(out, list) else [out]:
+            if item not in choices:
+                raise ConfigError(
+                    f"{key}: unknown value {item!r}{_did_you_mean(str(item), choices)}; "
+                    f"choose from {', '.join(choices)}"
+                )
+    for item in out if isinstance(out, list) else [out]:
+        if isinstance(item, (int, float)):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}: must be finite, got {item!r}")
+            if field.min is not None and (item < field.min or (field.min_exclusive and item == field.min)):
+                op = ">" if field.min_exclusive else ">="
+                raise ConfigError(f"{key}: must be {op} {field.min:g}, got {item!r}")
+            if field.max is not None and item > field.max:
+                raise ConfigError(f"{key}: must be <= {field.max:g}, got {item!r}")
+    return out
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """The full default job, every section and key present."""
+    return {sec: {k: copy.deepcopy(f.default) for k, f in fields.items()} for sec, fields in SCHEMA.items()}
+
+
+def _check_key(section: str, key: str | None = None) -> None:
+    if section not in SCHEMA:
+        raise ConfigError(f"unknown section '{section}'{_did_you_mean(section, SCHEMA)}; "
+                          f"sections: {', '.join(SCHEMA)}")
+    if key is not None and key not in SCHEMA[section]:
+        raise ConfigError(f"unknown key '{section}.{key}'{_did_you_mean(key, SCHEMA[section])}; "
+                          f"keys of {section}: {', '.join(SCHEMA[section])}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) onto a raw job dict."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. method.k=10")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. method.k=10")
+        section, key = parts
+        _check_key(section, key)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        sec = out.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"section '{section}' must be a mapping")
+        sec[key] = value
+    return out
+
+
+def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str, dict[str, Any]]:
+    """Turn a raw job dict into the resolved config: defaults filled, values typed and checked."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a job file must be a mapping of sections (run, data, model, method, ...)")
+    cfg = defaults()
+    for section, values in raw.items():
+        _check_key(str(section))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _check_key(section, str(key))
+            cfg[section][key] = _coerce(SCHEMA[section][key], value, f"{section}.{key}")
+
+    _check_method_keys(raw.get("method") or {}, cfg["method"])
+    if cfg["run"]["name"] is None:
+        cfg["run"]["name"] = name_hint
+    if "/" in cfg["run"]["name"] or cfg["run"]["name"] in ("", ".", ".."):
+        raise ConfigError(f"run.name: must be a plain name, got {cfg['run']['name']!r}")
+    ms = cfg["optim"]["milestones"]
+    if ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
+        raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
+    if not cfg["scaling"]["use_gpu"] and cfg["run"]["precision"] == "bf16":
+        pass  # bf16 on CPU is allowed (autocast cpu); slow but legal
+    _check_data(cfg["data"])
+    return cfg
+
+
+def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> None:
+    from raydist.methods import METHOD_PARAMS
+
+    params = METHOD_PARAMS[method["name"]]
+    for key in raw_method:
+        if key not in METHOD_COMMON and key not in params:
+            own = ", ".join(list(METHOD_COMMON[1:]) + list(params))
+            raise ConfigError(f"method.{key}: not a parameter of method '{method['name']}' (its parameters: {own})")
+
+
+def _check_data(data: dict[str, Any]) -> None:
+    from raydist.data import DataError, check_dataset
+
+    if data["root"] is not None:
+        data["root"] = str(Path(os.path.expanduser(data["root"])))
+    try:
+        check_dataset(data["dataset"], data["root"], data["download"])
+    except DataError as err:
+        raise ConfigError(f"data.root: {err}") from None
+
+
+def method_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments the chosen method takes, from the resolved config."""
+    from raydist.methods import METHOD_PARAMS
+
+    m = cfg["method"]
+    return {k: m[k] for k in METHOD_PARAMS[m["name"]] if k in m}
+
+
+def load_job(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Read, override and validate a job file. Raises ConfigError with one line on any mistake."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}:{where}: {problem}") from None
+    raw = apply_overrides(raw or {}, overrides)
+    return validate(raw, name_hint=p.stem)
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    """YAML text of a resolved config (what goes into the run directory)."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], ignore_sections: Iterable[str] = ()) -> list[str]:
+    """Keys whose values differ between two resolved configs, as 'section.key (old -> new)'."""
+    out = []
+    for sec in SCHEMA:
+        if sec in ignore_sections:
+            continue
+        for key in SCHEMA[sec]:
+            va, vb = a.get(sec, {}).get(key), b.get(sec, {}).get(key)
+            if va != vb:
+                out.append(f"{sec}.{key} ({va!r} -> {vb!r})")
+    return out

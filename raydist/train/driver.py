@@ -1,0 +1,151 @@
+"""The driver side of `raydist train`: the run directory, Ray start-up and the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raydist import config as C
+from raydist.train import artifacts
+from raydist.train.loop import LAST, train_loop_per_worker
+
+
+def run_dir_of(cfg: dict[str, Any]) -> Path:
+    return (Path(cfg["run"]["output_dir"]) / cfg["run"]["name"]).resolve()
+
+
+def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> str | None:
+    """Check the run directory can be used, changing nothing; returns the checkpoint to resume from, if any.
+
+    Nothing the user made is replaced silently: an existing run needs --resume (continue it) or --overwrite
+    (delete it and start again). Every refusal is a ConfigError, raised before Ray starts.
+    """
+    run_dir = run_dir_of(cfg)
+    if overwrite and resume:
+        raise C.ConfigError("--resume and --overwrite exclude each other")
+    if resume:
+        last = run_dir / LAST
+        if not last.is_file():
+            raise C.ConfigError(f"--resume: no checkpoint to resume at {last}")
+        saved_path = run_dir / artifacts.CONFIG
+        if saved_path.is_file():
+            import yaml
+
+            saved = yaml.safe_load(saved_path.read_text())
+            diff = C.differences(saved, cfg, ignore_sections=("run",))
+            diff = [d for d in diff if not d.startswith("optim.epochs")]
+            if diff:
+                raise C.ConfigError(f"--resume: the job differs from {saved_path} in {', '.join(diff)}")
+        _check_loadable(last)
+        return str(last)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise C.ConfigError(f"run directory {run_dir} already exists "
+                            "(--resume continues it, --overwrite deletes it and starts again)")
+    return None
+
+
+def create_run_dir(cfg: dict[str, Any], *, overwrite: bool = False) -> Path:
+    """Create (or, with --overwrite, recreate) the run directory and write the resolved config into it."""
+    run_dir = run_dir_of(cfg)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / artifacts.CONFIG).write_text(C.dump(cfg))
+    return run_dir
+
+
+def _check_loadable(path: Path) -> None:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing mistake
+        raise C.ConfigError(f"--resume: cannot read checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(ckpt, dict) or "train_state" not in ckpt:
+        raise C.ConfigError(f"--resume: {path} is not a raydist training checkpoint")
+
+
+def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
+    """Connect to RAY_ADDRESS if set, else start a local single-node Ray (unless one is already up)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
+        ray.init(include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
+                 logging_level="warning")
+
+
+def check_resources(cfg: dict[str, Any]) -> None:
+    """On a local Ray, refuse a scaling section the machine cannot satisfy (Ray would wait forever)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a cluster may autoscale to meet the request
+    sc = cfg["scaling"]
+    if sc["num_workers"] == 0:
+        if sc["use_gpu"]:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise C.ConfigError("scaling.use_gpu: true, but this machine has no CUDA GPU")
+        return
+    total = ray.cluster_resources()
+    need_cpu = sc["num_workers"] * sc["cpus_per_worker"]
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise C.ConfigError(f"scaling: {sc['num_workers']} workers x {sc['cpus_per_worker']:g} CPUs need "
+                            f"{need_cpu:g} CPUs, this Ray cluster has {total.get('CPU', 0):g} "
+                            "(lower scaling.num_workers or scaling.cpus_per_worker)")
+    if sc["use_gpu"]:
+        need_gpu = sc["num_workers"] * sc["gpus_per_worker"]
+        if need_gpu > total.get("GPU", 0) + 1e-9:
+            raise C.ConfigError(f"scaling.use_gpu: {sc['num_workers']} workers x {sc['gpus_per_worker']:g} GPUs "
+                                f"need {need_gpu:g} GPUs, this Ray cluster has {total.get('GPU', 0):g}")
+
+
+def build_trainer(cfg: dict[str, Any], resume: str | None):
+    """The Ray Train V2 TorchTrainer for a resolved job config."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sc = cfg["scaling"]
+    resources = {"CPU": sc["cpus_per_worker"]}
+    if sc["use_gpu"]:
+        resources["GPU"] = sc["gpus_per_worker"]
+    run_dir = run_dir_of(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume},
+        scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
+                                     resources_per_worker=resources if sc["num_workers"] else None),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says what matters
+        ),
+    )
+
+
+def run_training(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Train one job end to end; returns summary.json's content and prints the table."""
+    resume_path = check_run_dir(cfg, overwrite=overwrite, resume=resume)
+    ensure_ray(cfg)
+    check_resources(cfg)
+    run_dir = create_run_dir(cfg, overwrite=overwrite and not resume)
+    print(f"raydist: training {cfg['method']['name']} on {cfg['data']['dataset']} with "
+          f"{cfg['scaling']['num_workers']} Ray Train worker(s); run directory {run_dir}", flush=True)
+    build_trainer(cfg, resume_path).fit()
+    summary = json.loads((run_dir / artifacts.SUMMARY).read_text())
+    print("\n" + artifacts.format_table(summary))
+    print(f"\nrun directory: {run_dir} (best.pt, last.pt, metrics.jsonl, curves.png, summary.json)")
+    return summary

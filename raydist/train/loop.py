@@ -1,0 +1,288 @@
+"""The per-worker training loop that Ray Train runs on every worker (or in the driver when num_workers=0).
+
+One epoch: every worker trains on its own disjoint shard of the training split (data and augmentation on the
+worker's device, metrics summed on the device and read once), then the validation split is sharded the same
+way and clean and PGD accuracy are all-reduced, so every worker sees the same numbers and takes the same
+decisions (best checkpoint, early stop). Rank 0 writes the run directory and hands Ray Train the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raydist.config import method_params
+from raydist.data import DeviceLoader, load_dataset
+from raydist.evaluate import accuracy_under_attacks
+from raydist.methods import create_method
+from raydist.models import create_model, model_spec_for, save_checkpoint
+from raydist.train import artifacts
+from raydist.train.schedules import lr_multiplier
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+def _all_reduce(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum each count over workers and read them all with one host synchronisation."""
+    keys = sorted(values)
+    flat = torch.stack([values[k].double() for k in keys])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    return dict(zip(keys, flat.tolist()))
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # reseeding per epoch makes a resumed run draw exactly what an uninterrupted one would
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def _load_resume_state(resume: str | None) -> tuple[dict | None, dict | None]:
+    """Training state and best weights: from Ray's checkpoint after a worker restart, else from --resume."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            last = torch.load(Path(d) / LAST, map_location="cpu", weights_only=False)
+            best_path = Path(d) / BEST
+            best = torch.load(best_path, map_location="cpu", weights_only=False) if best_path.exists() else None
+        return last, best
+    if resume:
+        last = torch.load(resume, map_location="cpu", weights_only=False)
+        best_path = Path(resume).with_name(BEST)
+        best = torch.load(best_path, map_location="cpu", weights_only=False) if best_path.exists() else None
+        return last, best
+    return None, None
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _say(line: str) -> None:
+    """Print once: Ray Train's print patch would tee print() to its logger and the console twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+def _progress_line(row: dict[str, Any], epochs: int, eta: float) -> str:
+    done = int(20 * row["epoch"] / epochs)
+    bar = "#" * done + "." * (20 - done)
+    return (f"[{bar}] epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.3f}  "
+            f"train {100 * row['train_acc']:.1f}%  val clean {100 * row['val_clean_acc']:.1f}%  "
+            f"val PGD-{row['val_steps']} {100 * row['val_pgd_acc']:.1f}%  "
+            f"{row['images_per_sec']:.0f} img/s  elapsed {_fmt_time(row['elapsed'])}  ETA {_fmt_time(eta)}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None}."""
+    job = config["job"]
+    run_dir = Path(config["run_dir"])
+    run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if job["scaling"]["use_gpu"] else torch.device("cpu")
+    if device.type == "cpu" and job["scaling"]["num_workers"] > 0:
+        torch.set_num_threads(max(1, int(job["scaling"]["cpus_per_worker"])))
+    channels_last = run["channels_last"] == "true" or (run["channels_last"] == "auto" and device.type == "cuda")
+    seed = run["seed"]
+    eps = job["method"]["epsilon"]
+
+    splits = load_dataset(
+        data["dataset"], root=data["root"], download=data["download"], val_size=data["val_size"],
+        image_size=data["image_size"], num_classes=data["num_classes"], channels=data["channels"],
+        train_size=data["train_size"], test_size=data["test_size"],
+    )
+    extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
+    torch.manual_seed(seed)  # identical initial weights on every worker
+    model = create_model(mcfg["name"], num_classes=splits.num_classes, activation=mcfg["activation"],
+                         in_channels=splits.input_size[0], mean=splits.mean, std=splits.std, **extra)
+    spec = model_spec_for(mcfg["name"], splits.num_classes, mcfg["activation"], splits.input_size[0],
+                          list(splits.input_size), list(splits.mean), list(splits.std), **extra)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    base_model = model
+    if run["compile"]:
+        model = torch.compile(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    optimizer = torch.optim.SGD(base_model.parameters(), lr=ocfg["lr"], momentum=ocfg["momentum"],
+                                weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
+    autocast = _autocast(device, run["precision"])
+    method = create_method(job["method"]["name"], model, optimizer, epsilon=eps, autocast=autocast,
+                           label_smoothing=job["method"]["label_smoothing"], **method_params(job))
+
+    augment = {"crop": data["crop"], "flip": data["flip"]}
+    common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
+    train_loader = DeviceLoader(splits.train_x, splits.train_y, batch_size=data["batch_size"], shuffle=True,
+                                augment=augment, seed=seed, **common)
+    val_loader = DeviceLoader(splits.val_x, splits.val_y, batch_size=data["eval_batch_size"], shuffle=False, **common)
+    n_test = len(splits.test_y) if ecfg["test_samples"] is None else min(ecfg["test_samples"], len(splits.test_y))
+    test_loader = DeviceLoader(splits.test_x[:n_test], splits.test_y[:n_test], batch_size=data["eval_batch_size"],
+                               shuffle=False, **common)
+
+    epochs = ocfg["epochs"]
+    steps_per_epoch = len(train_loader)
+    multiplier = lr_multiplier(ocfg["schedule"], epochs=epochs, steps_per_epoch=steps_per_epoch,
+                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
+                  for opt in [optimizer, *method.extra_optimizers()]]
+
+    start_epoch, best_acc, best_epoch, train_seconds, stopped = 0, -1.0, 0, 0.0, False
+    best_weights = None
+    state, best_ckpt = _load_resume_state(config.get("resume"))
+    if state is not None:
+        ts = state["train_state"]
+        base_model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(ts["optimizer"])
+        for sched, sd in zip(schedulers, ts["schedulers"]):
+            sched.load_state_dict(sd)
+        method.load_state_dict(ts["method"])
+        start_epoch, best_acc, best_epoch = ts["epoch"], ts["best_acc"], ts["best_epoch"]
+        train_seconds, stopped = ts["train_seconds"], ts["stopped"]
+        if best_ckpt is not None:
+            best_weights = best_ckpt["state_dict"]
+        if rank == 0:
+            artifacts.truncate_metrics(run_dir, start_epoch)
+            _say(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
+
+    meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"]}
+    history = artifacts.read_metrics(run_dir) if rank == 0 else []
+    val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
+    for epoch in range(start_epoch, epochs):
+        if stopped:
+            break
+        torch.manual_seed(_epoch_seed(seed, epoch, rank))
+        train_loader.set_epoch(epoch)
+        model.train()
+        sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
+                "n": torch.zeros((), device=device)}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for x, y in train_loader:
+            loss, logits = method.step(x, y)
+            for sched in schedulers:
+                sched.step()
+            sums["loss"] += loss.float() * y.shape[0]
+            sums["correct"] += (logits.argmax(1) == y).sum()
+            sums["n"] += y.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        tr = _all_reduce(sums)
+        val = _all_reduce(accuracy_under_attacks(base_model, val_loader, val_attacks, eps, seed=seed + epoch))
+        if not math.isfinite(tr["loss"]):
+            raise FloatingPointError(f"training loss is {tr['loss']} at epoch {epoch + 1}: the run diverged")
+
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"] / tr["n"],
+            "train_acc": tr["correct"] / tr["n"],
+            "val_clean_acc": val["clean"] / val["n"],
+            "val_pgd_acc": val[val_attacks[1]] / val["n"],
+            "val_steps": ecfg["val_steps"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_sec": tr["n"] / max(epoch_seconds, 1e-9),
+            "epoch_seconds": epoch_seconds,
+            "elapsed": train_seconds,
+        }
+        improved = row["val_pgd_acc"] > best_acc
+        if improved:
+            best_acc, best_epoch = row["val_pgd_acc"], epoch + 1
+            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in base_model.state_dict().items()}
+        if ecfg["guard_drop"] is not None and best_acc - row["val_pgd_acc"] > ecfg["guard_drop"]:
+            stopped = True
+        row.update(best_epoch=best_epoch, best_val_pgd_acc=best_acc, stopped=stopped)
+
+        checkpoint = None
+        tmp = None
+        if rank == 0:
+            train_state = {
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                "schedulers": [s.state_dict() for s in schedulers], "method": method.state_dict(),
+                "best_acc": best_acc, "best_epoch": best_epoch, "train_seconds": train_seconds,
+                "stopped": stopped, "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(run_dir / LAST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
+                            train_state=train_state, **meta)
+            if improved:
+                save_checkpoint(run_dir / BEST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
+                                method_state=method.state_dict(), **meta)
+            artifacts.append_metrics(run_dir, row)
+            history.append(row)
+            artifacts.plot_curves(run_dir, history, title=f"{run['name']}: {job['method']['name']}, "
+                                                          f"{mcfg['name']} ({mcfg['activation']})")
+            tmp = tempfile.mkdtemp(prefix="raydist-ckpt-")
+            for name in (LAST, BEST):
+                if (run_dir / name).exists():
+                    shutil.copy2(run_dir / name, Path(tmp) / name)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if run["progress"]:
+                per_epoch = train_seconds / (epoch + 1 - start_epoch) if epoch + 1 > start_epoch else 0
+                remaining = 0 if stopped else (epochs - epoch - 1) * (per_epoch + 0.0)
+                _say(_progress_line(row, epochs, remaining))
+                if stopped:
+                    _say(f"validation PGD accuracy fell {100 * (best_acc - row['val_pgd_acc']):.1f} points below "
+                         f"its best (epoch {best_epoch}): stopping (eval.guard_drop)")
+        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec, meta)
+
+
+def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
+                meta) -> None:
+    """Evaluate the last and the best weights on the test set (never used for selection); rank 0 writes it."""
+    attacks = list(job["eval"]["test_attacks"])
+    if "clean" not in attacks:
+        attacks.insert(0, "clean")
+    eps = job["method"]["epsilon"]
+    seed = job["run"]["seed"]
+    last_epoch = artifacts.read_metrics(run_dir)[-1]["epoch"] if rank == 0 else job["optim"]["epochs"]
+    results = {}
+    last_weights = copy.deepcopy(base_model.state_dict())
+    for which, weights in (("last", None), ("best", best_weights)):
+        if weights is not None:
+            base_model.load_state_dict(weights)
+        counts = _all_reduce(accuracy_under_attacks(base_model, test_loader, attacks, eps, seed=seed + 7919))
+        results[which] = {"accuracy": {a: counts[a] / counts["n"] for a in attacks}, "n": int(counts["n"])}
+    base_model.load_state_dict(last_weights)
+    if rank != 0:
+        return
+    results["last"]["epoch"] = last_epoch
+    results["best"]["epoch"] = best_epoch if best_weights is not None else last_epoch
+    summary = {
+        "run": job["run"]["name"], "method": meta["method"], "model": f"{spec['name']} ({spec['activation']})",
+        "dataset": meta["dataset"], "epsilon": eps, "epsilon_text": _eps_text(eps), "attacks": attacks,
+        "n_test": results["last"]["n"], "train_minutes": train_seconds / 60.0,
+        "best": results["best"], "last": results["last"],
+    }
+    artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
+
+
+def _eps_text(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"

@@ -1,0 +1,48 @@
+"""Shared fixtures: one Ray instance for the whole session, small job files for fast runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A single local Ray instance (2 CPUs, small object store) shared by every test that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
+                 logging_level="warning", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_job(tmp_path: Path, **sections) -> dict:
+    """A digits job that trains in seconds on one CPU: width-8 ResNet-18, few epochs, capped test set."""
+    job = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 200, "crop": 2, "flip": False},
+        "model": {"name": "resnet18", "width": 8},
+        "method": {"name": "fgsm_sdi", "epsilon": "32/255", "k": 5},
+        "optim": {"epochs": 2, "lr": 0.05, "schedule": "cyclic"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "eval": {"val_steps": 3, "test_attacks": ["clean", "fgsm", "pgd10"], "test_samples": 64},
+    }
+    for sec, values in sections.items():
+        job.setdefault(sec, {}).update(values)
+    return job
+
+
+def write_job(tmp_path: Path, job: dict, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(job))
+    return path

@@ -1,0 +1,143 @@
+"""Job files: defaults, fraction parsing, overrides, and one-line errors with exit code 2 before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import ROOT, tiny_job, write_job
+
+from raydist import config as C
+from raydist.cli import main
+
+
+def test_fraction_parsing():
+    assert C.parse_fraction("8/255", "k") == pytest.approx(8 / 255)
+    assert C.parse_fraction(0.5, "k") == 0.5
+    assert C.parse_fraction("0.25", "k") == 0.25
+    for bad in ("8/0", "abc", True, None):
+        with pytest.raises(C.ConfigError, match="method.epsilon"):
+            C.parse_fraction(bad, "method.epsilon")
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    cfg = C.load_job(path, ["method.k=10", "optim.lr=0.05", "method.epsilon=4/255", "data.flip=true"])
+    assert cfg["method"]["k"] == 10
+    assert cfg["optim"]["lr"] == 0.05
+    assert cfg["method"]["epsilon"] == pytest.approx(4 / 255)
+    assert cfg["data"]["flip"] is True
+    assert cfg["optim"]["momentum"] == 0.9  # default filled in
+    assert cfg["run"]["name"] == "t"
+
+
+def test_run_name_defaults_to_job_file_stem(tmp_path):
+    job = tiny_job(tmp_path)
+    del job["run"]["name"]
+    cfg = C.load_job(write_job(tmp_path, job, "my_job.yaml"))
+    assert cfg["run"]["name"] == "my_job"
+
+
+def test_every_shipped_job_file_validates():
+    jobs = sorted((ROOT / "jobs").glob("*.yaml"))
+    assert jobs, "no job files in jobs/"
+    for path in jobs:
+        raw = yaml.safe_load(path.read_text())
+        if "base" in raw or "space" in raw:  # sweep files are checked by the tune tests
+            continue
+        data = raw.get("data", {})
+        if data.get("dataset") in ("cifar10", "cifar100"):
+            raw["data"]["download"] = True  # the files are not on this machine; the schema is what we check
+        C.validate(raw, name_hint=path.stem)
+
+
+BAD = [
+    (["--set", "method.kk=3"], "method.kk", "did you mean 'k'"),
+    (["--set", "optim.lr=fast"], "optim.lr", "expected a number"),
+    (["--set", "method.epsilon=-0.1"], "method.epsilon", ">= 0"),
+    (["--set", "method.k=0"], "method.k", ">= 1"),
+    (["--set", "model.name=resnet19"], "model.name", "did you mean 'resnet18'"),
+    (["--set", "method.name=fgsm_sd"], "method.name", "did you mean 'fgsm_sdi'"),
+    (["--set", "model.activation=relu6x"], "model.activation", "unknown value"),
+    (["--set", "data.dataset=cifar11"], "data.dataset", "unknown value"),
+    (["--set", "data.dataset=cifar10", "--set", "data.root=/nonexistent/cifar"], "/nonexistent/cifar", ""),
+    (["--set", "method.name=pgd_at"], "method.k", "not a parameter of method 'pgd_at'"),
+    (["--set", "scaling.num_workers=-1"], "scaling.num_workers", ">= 0"),
+    (["--set", "optim.epochs=2.5"], "optim.epochs", "expected an integer"),
+    (["--set", "run.seed=true"], "run.seed", "expected an integer"),
+    (["--set", "optim.schedule=linear"], "optim.schedule", "choose from"),
+    (["--set", "nosection.x=1"], "nosection", "unknown section"),
+    (["--set", "method.k"], "method.k", "SECTION.KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("extra,needle,detail", BAD, ids=[b[1] + ":" + b[2][:12] for b in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, needle, detail):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    code = main(["train", str(path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert needle in err and detail in err
+    assert not (tmp_path / "runs").exists()  # nothing was created, no compute started
+
+
+def test_unknown_key_in_file(tmp_path, capsys):
+    job = tiny_job(tmp_path)
+    job["optim"]["learning_rate"] = 0.1
+    assert main(["train", str(write_job(tmp_path, job))]) == 2
+    err = capsys.readouterr().err
+    assert "optim.learning_rate" in err
+
+
+def test_missing_job_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "job file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: [x\n")
+    assert main(["check", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"precious")
+    assert main(["train", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "best.pt").read_bytes() == b"precious"
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    assert main(["train", str(path), "--resume"]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_resume_with_corrupt_checkpoint(tmp_path, capsys):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "cannot read checkpoint" in err
+
+
+def test_check_prints_resolved_config(tmp_path, capsys):
+    path = write_job(tmp_path, tiny_job(tmp_path))
+    assert main(["check", str(path), "--set", "method.k=7"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["method"]["k"] == 7 and cfg["model"]["width"] == 8
+
+
+def test_schedules():
+    from raydist.train.schedules import lr_multiplier
+
+    ms = lr_multiplier("multistep", epochs=110, steps_per_epoch=10)
+    assert ms(999) == 1.0 and ms(1000) == pytest.approx(0.1) and ms(1050) == pytest.approx(0.01)
+    cyc = lr_multiplier("cyclic", epochs=10, steps_per_epoch=10, peak=0.4)
+    assert cyc(0) == 0.0 and cyc(40) == pytest.approx(1.0) and cyc(100) == pytest.approx(0.0)
+    assert cyc(20) == pytest.approx(0.5) and cyc(70) == pytest.approx(0.5)
+    cos = lr_multiplier("cosine", epochs=10, steps_per_epoch=10)
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
