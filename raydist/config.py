@@ -115,6 +115,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "k": Field("int", 20, min=1, help="FGSM-SDI: generator updated once every k target updates"),
         "generator_lr": Field("float", 1e-3, min=0, min_exclusive=True),
         "generator_weight_decay": Field("float", 5e-4, min=0),
+        "generator_width": Field("int", 64, min=1, help="FGSM-SDI: hidden channels of the generator"),
     },
     "optim": {
         "name": Field("str", "sgd", choices=("sgd",)),

@@ -141,3 +141,13 @@ def test_schedules():
     assert cyc(20) == pytest.approx(0.5) and cyc(70) == pytest.approx(0.5)
     cos = lr_multiplier("cosine", epochs=10, steps_per_epoch=10)
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+
+
+def test_method_keys_in_the_schema_match_the_methods():
+    """Every method parameter is a typed job key with the method's own default (alpha: derived, so None)."""
+    from raydist.methods import METHOD_PARAMS
+
+    for name, params in METHOD_PARAMS.items():
+        for key, default in params.items():
+            assert key in C.SCHEMA["method"], (name, key)
+            assert C.SCHEMA["method"][key].default == default, (name, key)

@@ -9,6 +9,7 @@ decisions (best checkpoint, early stop). Rank 0 writes the run directory and han
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import shutil
 import sys
@@ -93,8 +94,20 @@ def _progress_line(row: dict[str, Any], epochs: int, eta: float) -> str:
             f"{row['images_per_sec']:.0f} img/s  elapsed {_fmt_time(row['elapsed'])}  ETA {_fmt_time(eta)}")
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report at INFO through a logger named by its file path, which its own
+    LoggingConfig level does not reach; our per-epoch line already says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # internal layout of another Ray version
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None}."""
+    _quiet_ray_train()
     job = config["job"]
     run_dir = Path(config["run_dir"])
     run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]

@@ -1,0 +1,110 @@
+"""What every training method shares: one batch in, one optimizer step out.
+
+A method owns the recipe for the training example (clean, PGD, FGSM-RS, FGSM-SDI, ...) and
+performs the weight update; the training loop owns data, schedules, metrics and Ray.  The
+model may be wrapped in DistributedDataParallel: the wrapped model does the training
+forward/backward (so gradients are all-reduced), while attack-only passes use the inner
+module so DDP's reducer never sees a forward without its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+AutocastFactory = Callable[[], AbstractContextManager]
+
+
+def attack_view(model: nn.Module) -> nn.Module:
+    """The module to run attack-only passes on: ``model.module`` under DDP, else ``model``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+class TrainMethod:
+    """Base class: subclasses override :meth:`training_example` (and, if they keep extra
+    learnable state, :meth:`extra_optimizers`, :meth:`state_dict`, :meth:`load_state_dict`).
+
+    ``PARAMS`` lists the method's own keyword arguments and their defaults; config validation
+    reads it through ``raydist.methods.METHOD_PARAMS``.
+    """
+
+    name: ClassVar[str] = "base"
+    PARAMS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        *,
+        epsilon: float,
+        label_smoothing: float = 0.0,
+        autocast: AutocastFactory | None = None,
+    ) -> None:
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.model = model
+        self.attack_model = attack_view(model)
+        self.optimizer = optimizer
+        self.epsilon = float(epsilon)
+        self.label_smoothing = float(label_smoothing)
+        self.autocast: AutocastFactory = autocast if autocast is not None else contextlib.nullcontext
+        self.num_steps = 0  # target (model) updates made so far
+
+    # -- the recipe -------------------------------------------------------------------------
+    def training_example(self, x: Tensor, y: Tensor) -> Tensor:
+        """The (adversarial) input this method trains on, detached; no weight update."""
+        raise NotImplementedError
+
+    def _step_example(self, x: Tensor, y: Tensor) -> Tensor:
+        """Hook for methods that do extra work per step (FGSM-SDI's generator update)."""
+        return self.training_example(x, y)
+
+    def loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Training loss: cross-entropy with label smoothing, in fp32 even under autocast."""
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def _train_mode(self) -> None:
+        # The papers craft training examples with the model in train mode (BN batch stats).
+        if not self.model.training:
+            self.model.train()
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Build the training example and take one optimizer step on it.
+
+        Returns (loss, logits), both detached tensors on the device: no host sync here, the
+        caller decides when to read them.
+        """
+        self._train_mode()
+        x_train = self._step_example(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.model(x_train)
+        loss = self.loss(logits, y)
+        loss.backward()
+        self.optimizer.step()
+        self.num_steps += 1
+        return loss.detach(), logits.detach()
+
+    # -- extra state ------------------------------------------------------------------------
+    def extra_optimizers(self) -> list[Optimizer]:
+        """Optimizers besides the model's (so the loop can schedule their learning rates)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state to checkpoint besides the model and its optimizer."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"method '{self.name}' keeps no extra state, got keys {sorted(state)}")
