@@ -151,3 +151,14 @@ def test_method_keys_in_the_schema_match_the_methods():
         for key, default in params.items():
             assert key in C.SCHEMA["method"], (name, key)
             assert C.SCHEMA["method"][key].default == default, (name, key)
+
+
+def test_readme_documents_every_job_key_and_command():
+    text = (ROOT / "README.md").read_text()
+    assert text.index("make demo") < 400 and text.index("make test") < 600  # the two commands open the README
+    for section, fields in C.SCHEMA.items():
+        table = text.split(f"**{section}**", 1)[1].split("**", 1)[0]
+        for key in fields:
+            assert f"`{key}`" in table, f"{section}.{key} is not in the README"
+    for command in ("raydist train", "raydist check", "raydist models", "--resume", "--overwrite", "--set"):
+        assert command in text

@@ -161,7 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
                   for opt in [optimizer, *method.extra_optimizers()]]
 
-    start_epoch, best_acc, best_epoch, train_seconds, stopped = 0, -1.0, 0, 0.0, False
+    # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
+    start_epoch, best_score, best_epoch, peak_pgd, train_seconds, stopped = 0, (-1.0, -1.0), 0, 0.0, 0.0, False
     best_weights = None
     state, best_ckpt = _load_resume_state(config.get("resume"))
     if state is not None:
@@ -171,7 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for sched, sd in zip(schedulers, ts["schedulers"]):
             sched.load_state_dict(sd)
         method.load_state_dict(ts["method"])
-        start_epoch, best_acc, best_epoch = ts["epoch"], ts["best_acc"], ts["best_epoch"]
+        start_epoch, best_score, best_epoch = ts["epoch"], tuple(ts["best_score"]), ts["best_epoch"]
+        peak_pgd = ts["peak_pgd"]
         train_seconds, stopped = ts["train_seconds"], ts["stopped"]
         if best_ckpt is not None:
             best_weights = best_ckpt["state_dict"]
@@ -182,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"]}
     history = artifacts.read_metrics(run_dir) if rank == 0 else []
     val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
+    loop_start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         if stopped:
             break
@@ -221,13 +224,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": epoch_seconds,
             "elapsed": train_seconds,
         }
-        improved = row["val_pgd_acc"] > best_acc
+        score = (row["val_pgd_acc"], row["val_clean_acc"])
+        if ecfg["select"] == "clean":
+            score = score[::-1]
+        improved = score > best_score
         if improved:
-            best_acc, best_epoch = row["val_pgd_acc"], epoch + 1
+            best_score, best_epoch = score, epoch + 1
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in base_model.state_dict().items()}
-        if ecfg["guard_drop"] is not None and best_acc - row["val_pgd_acc"] > ecfg["guard_drop"]:
+        peak_pgd = max(peak_pgd, row["val_pgd_acc"])
+        if ecfg["guard_drop"] is not None and peak_pgd - row["val_pgd_acc"] > ecfg["guard_drop"]:
             stopped = True
-        row.update(best_epoch=best_epoch, best_val_pgd_acc=best_acc, stopped=stopped)
+        row.update(best_epoch=best_epoch, stopped=stopped)
 
         checkpoint = None
         tmp = None
@@ -235,7 +242,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_state = {
                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                 "schedulers": [s.state_dict() for s in schedulers], "method": method.state_dict(),
-                "best_acc": best_acc, "best_epoch": best_epoch, "train_seconds": train_seconds,
+                "best_score": list(best_score), "best_epoch": best_epoch, "peak_pgd": peak_pgd,
+                "train_seconds": train_seconds,
                 "stopped": stopped, "torch_rng": torch.get_rng_state(),
             }
             save_checkpoint(run_dir / LAST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
@@ -253,12 +261,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     shutil.copy2(run_dir / name, Path(tmp) / name)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if run["progress"]:
-                per_epoch = train_seconds / (epoch + 1 - start_epoch) if epoch + 1 > start_epoch else 0
-                remaining = 0 if stopped else (epochs - epoch - 1) * (per_epoch + 0.0)
+                per_epoch = (time.perf_counter() - loop_start) / (epoch + 1 - start_epoch)  # validation included
+                remaining = 0 if stopped else (epochs - epoch - 1) * per_epoch
                 _say(_progress_line(row, epochs, remaining))
                 if stopped:
-                    _say(f"validation PGD accuracy fell {100 * (best_acc - row['val_pgd_acc']):.1f} points below "
-                         f"its best (epoch {best_epoch}): stopping (eval.guard_drop)")
+                    _say(f"validation PGD accuracy fell {100 * (peak_pgd - row['val_pgd_acc']):.1f} points below "
+                         f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); best.pt is epoch {best_epoch}")
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
