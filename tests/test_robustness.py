@@ -1,5 +1,5 @@
-"""Adversarial training works: on digits, FGSM-SDI and PGD-AT models keep far more PGD-10 accuracy than a
-standard model at the same eps. Plain PyTorch (the same methods, data and models `raydist train` uses)."""
+"""Adversarial training works: on digits, an FGSM-SDI model keeps far more PGD-10 accuracy than a standard model
+at the same eps. Plain PyTorch (the same methods, data and models `raydist train` uses)."""
 
 from __future__ import annotations
 
@@ -42,10 +42,8 @@ def test_adversarial_training_beats_standard_under_pgd(digits):
     torch.set_num_threads(2)
     standard = _train(digits, "standard")
     sdi = _train(digits, "fgsm_sdi", k=5, generator_width=16)
-    pgd_at = _train(digits, "pgd_at", steps=5, alpha=EPS / 3)
-    print(f"standard {standard}  fgsm_sdi {sdi}  pgd_at {pgd_at}")
+    print(f"standard {standard}  fgsm_sdi {sdi}")  # seen: standard 98.5 / 5.0, fgsm_sdi 97.0 / 62.5 (clean / PGD-10)
     assert standard["clean"] > 0.85  # the model and data are fine...
     assert standard["pgd10"] < 0.15  # ...and a standard model is broken at this eps
-    for robust in (sdi, pgd_at):
-        assert robust["clean"] > 0.7
-        assert robust["pgd10"] > standard["pgd10"] + 0.3
+    assert sdi["clean"] > 0.85
+    assert sdi["pgd10"] > standard["pgd10"] + 0.4
