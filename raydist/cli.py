@@ -11,12 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from raydist import __version__
+from raydist import config as C
 from raydist.config import ConfigError
 
 EPILOG = """examples:
   raydist train jobs/digits_fgsm_sdi.yaml
   raydist train jobs/cifar10_fgsm_sdi.yaml --set method.k=10 --set optim.lr=0.05
   raydist train jobs/digits_fgsm_sdi.yaml --resume        # continue an interrupted run
+  raydist tune jobs/tune_digits.yaml                      # Ray Tune + Optuna sweep, ASHA early stopping
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
 """
@@ -47,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate a job file and print the resolved config (no training)")
     job_args(c)
 
+    tu = sub.add_parser("tune", help="run a Ray Tune + Optuna sweep over job keys",
+                        description="Search a sweep file's space with Optuna (TPE, seeded) and ASHA early stopping; "
+                                    "each trial is a Ray Train run. Writes OUTPUT_DIR/NAME/: trials.csv, best.yaml, "
+                                    "search.png or pareto.png, optuna.db, trials/.")
+    tu.add_argument("sweep", help="sweep file (YAML), e.g. jobs/tune_digits.yaml")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a key of the base job (repeatable)")
+    tu.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
+    tu.add_argument("--overwrite", action="store_true", help="delete an existing sweep directory and start again")
+
     sub.add_parser("models", help="list the model names create_model and job files accept")
     return p
 
@@ -66,6 +78,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         print(f"raydist: training failed: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from raydist.tune.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    from raydist.tune.runner import run_sweep
+
+    try:
+        run_sweep(sweep, overwrite=args.overwrite, resume=args.resume)
+    except C.ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line, exit 1
+        print(f"raydist: sweep failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
         return 1
     return 0
 
@@ -94,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": _cmd_train, "check": _cmd_check, "models": _cmd_models}[args.command]
+    handler = {"train": _cmd_train, "tune": _cmd_tune, "check": _cmd_check, "models": _cmd_models}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -296,12 +296,14 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
             cfg[section][key] = _coerce(SCHEMA[section][key], value, f"{section}.{key}")
 
     _check_method_keys(raw.get("method") or {}, cfg["method"])
+    _drop_foreign_method_keys(cfg["method"])
     if cfg["run"]["name"] is None:
         cfg["run"]["name"] = name_hint
     if "/" in cfg["run"]["name"] or cfg["run"]["name"] in ("", ".", ".."):
         raise ConfigError(f"run.name: must be a plain name, got {cfg['run']['name']!r}")
     ms = cfg["optim"]["milestones"]
-    if ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
+    multistep = cfg["optim"]["schedule"] == "multistep"
+    if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
         raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
     if not cfg["scaling"]["use_gpu"] and cfg["run"]["precision"] == "bf16":
         pass  # bf16 on CPU is allowed (autocast cpu); slow but legal
@@ -317,6 +319,15 @@ def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> No
         if key not in METHOD_COMMON and key not in params:
             own = ", ".join(list(METHOD_COMMON[1:]) + list(params))
             raise ConfigError(f"method.{key}: not a parameter of method '{method['name']}' (its parameters: {own})")
+
+
+def _drop_foreign_method_keys(method: dict[str, Any]) -> None:
+    """Keep only the keys the chosen method takes, so a resolved config is itself a valid job file."""
+    from raydist.methods import METHOD_PARAMS
+
+    for key in list(method):
+        if key not in METHOD_COMMON and key not in METHOD_PARAMS[method["name"]]:
+            del method[key]
 
 
 def _check_data(data: dict[str, Any]) -> None:

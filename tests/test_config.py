@@ -162,3 +162,11 @@ def test_readme_documents_every_job_key_and_command():
             assert f"`{key}`" in table, f"{section}.{key} is not in the README"
     for command in ("raydist train", "raydist check", "raydist models", "--resume", "--overwrite", "--set"):
         assert command in text
+
+
+def test_resolved_config_is_itself_a_valid_job(tmp_path):
+    cfg = C.load_job(write_job(tmp_path, tiny_job(tmp_path)))
+    assert "steps" not in cfg["method"]  # pgd_at's key, not FGSM-SDI's
+    again = tmp_path / "again.yaml"
+    again.write_text(C.dump(cfg))
+    assert C.load_job(again) == cfg

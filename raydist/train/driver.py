@@ -111,8 +111,8 @@ def check_resources(cfg: dict[str, Any]) -> None:
                                 f"need {need_gpu:g} GPUs, this Ray cluster has {total.get('GPU', 0):g}")
 
 
-def build_trainer(cfg: dict[str, Any], resume: str | None):
-    """The Ray Train V2 TorchTrainer for a resolved job config."""
+def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
+    """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -123,7 +123,7 @@ def build_trainer(cfg: dict[str, Any], resume: str | None):
     run_dir = run_dir_of(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume},
+        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),
         run_config=RunConfig(
@@ -132,6 +132,7 @@ def build_trainer(cfg: dict[str, Any], resume: str | None):
             failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says what matters
+            callbacks=callbacks or None,
         ),
     )
 

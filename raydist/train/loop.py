@@ -106,7 +106,8 @@ def _quiet_ray_train() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None}."""
+    """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None,
+    "final_test": bool (default true)}."""
     _quiet_ray_train()
     job = config["job"]
     run_dir = Path(config["run_dir"])
@@ -271,7 +272,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec, meta)
+    if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
+        _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec, meta)
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweeps over job keys (FGSM-SDI interval k, learning rates, activations, ...)."""

@@ -1,0 +1,192 @@
+"""`raydist tune`: a Ray Tune sweep whose trials are `raydist train` runs on Ray Train.
+
+Ray 2.60 pattern (Train V2): Tune runs a function trainable per trial; the function builds the same TorchTrainer
+as `raydist train` with Tune's ``TuneReportCallback``, so every epoch's validation metrics reach Tune. Optuna's
+TPE sampler (seeded, its study in SQLite in the sweep directory) proposes the parameters; ASHA stops weak trials
+early on validation PGD accuracy. The test set is never touched during a sweep.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raydist import config as C
+from raydist.train import artifacts
+from raydist.tune import report
+from raydist.tune.sweep import job_for
+
+METRIC, TIME = "val_pgd_acc", "elapsed"
+TUNE_DIR, TRIALS_DIR, STUDY_DB = "tune", "trials", "optuna.db"
+
+
+def sweep_dir_of(sweep: dict[str, Any]) -> Path:
+    return (Path(sweep["run"]["output_dir"]) / sweep["run"]["name"]).resolve()
+
+
+def check_sweep_dir(sweep: dict[str, Any], *, overwrite: bool, resume: bool) -> None:
+    """The same rule as runs: an existing sweep needs --resume or --overwrite; checked before Ray starts."""
+    d = sweep_dir_of(sweep)
+    if overwrite and resume:
+        raise C.ConfigError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (d / TUNE_DIR).is_dir():
+            raise C.ConfigError(f"--resume: no sweep to resume at {d / TUNE_DIR}")
+        return
+    if d.exists() and any(d.iterdir()) and not overwrite:
+        raise C.ConfigError(f"sweep directory {d} already exists "
+                            "(--resume finishes its remaining trials, --overwrite deletes it and starts again)")
+
+
+def _conditions_hold(when: dict[str, Any], chosen: dict[str, Any], base: dict[str, Any]) -> bool:
+    for path, want in when.items():
+        section, key = path.split(".")
+        have = chosen.get(path, base[section][key])
+        if have != want and not (isinstance(want, list) and have in want):
+            return False
+    return True
+
+
+class DefineByRun:
+    """Optuna define-by-run space: entries in file order, a `when` entry only where its condition holds.
+
+    A class, not a closure, so Tune can pickle the searcher into its experiment state (for --resume).
+    """
+
+    def __init__(self, space: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
+        self.space, self.base = space, base
+
+    def __call__(self, trial) -> None:
+        chosen: dict[str, Any] = {}
+        for path, e in self.space.items():
+            if not _conditions_hold(e["when"], chosen, self.base):
+                continue
+            if e["type"] == "int":
+                chosen[path] = trial.suggest_int(path, e["low"], e["high"])
+            elif e["type"] == "float":
+                chosen[path] = trial.suggest_float(path, e["low"], e["high"])
+            elif e["type"] == "loguniform":
+                chosen[path] = trial.suggest_float(path, e["low"], e["high"], log=True)
+            else:
+                chosen[path] = trial.suggest_categorical(path, e["values"])
+        return None
+
+
+def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> None:
+    """One trial: the base job with this trial's parameters, trained by Ray Train, reporting to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydist.train.driver import build_trainer, create_run_dir, run_dir_of
+
+    name = ray.tune.get_context().get_trial_name()
+    params = {k: v for k, v in config.items() if "." in k}
+    job = job_for(sweep, params, name, str(Path(sweep_dir) / TRIALS_DIR))
+    run_dir = run_dir_of(job)
+    last = run_dir / "last.pt"
+    resume = str(last) if last.is_file() else None  # a trial interrupted with the driver continues
+    if resume is None:
+        create_run_dir(job, overwrite=True)
+    else:
+        history = artifacts.read_metrics(run_dir)
+        if history and history[-1]["epoch"] >= job["optim"]["epochs"]:
+            for row in history:  # finished before the driver died: tell the restored Tune what it missed
+                ray.tune.report(row)
+            return
+    build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False).fit()
+
+
+def trial_name(trial) -> str:
+    """trial_<Tune trial id>: stable for the trial's life, resumes included, so its Ray Train run directory
+    (trials/<name>) is found again when an interrupted sweep is resumed."""
+    return f"trial_{trial.trial_id}"
+
+
+def _progress_callback():
+    import ray.tune
+
+    class ProgressLine(ray.tune.Callback):
+        """One line per reported epoch and per finished trial, instead of Tune's status tables."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"{trial} {_params(trial.config)}  epoch {result.get('epoch')}: "
+                  f"val PGD {100 * result.get(METRIC, 0):.1f}%  val clean {100 * result.get('val_clean_acc', 0):.1f}%",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            print(f"trial {trial} finished ({done}/{len(trials)} trials done)", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {trial} failed; the sweep goes on", flush=True)
+
+    return ProgressLine()
+
+
+def _params(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items() if "." in k)
+
+
+def build_tuner(sweep: dict[str, Any], *, resume: bool):
+    import optuna
+    import ray.tune
+    from optuna.samplers import TPESampler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    d = sweep_dir_of(sweep)
+    trainable = ray.tune.with_parameters(_trial, sweep=sweep, sweep_dir=str(d))
+    # the trial function only drives Ray Train; its workers ask for their own CPUs and GPUs
+    trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})
+    if resume:
+        return ray.tune.Tuner.restore(str(d / TUNE_DIR), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False)
+
+    multi = sweep["objective"] == "multi"
+    seed = sweep["search"]["seed"]
+    search = OptunaSearch(
+        space=DefineByRun(sweep["space"], sweep["base"]),
+        metric=[METRIC, TIME] if multi else METRIC,
+        mode=["max", "min"] if multi else "max",
+        sampler=TPESampler(seed=seed, multivariate=True) if not multi else optuna.samplers.NSGAIISampler(seed=seed),
+        study_name=sweep["run"]["name"],
+        storage=optuna.storages.RDBStorage(f"sqlite:///{d / STUDY_DB}"),
+        points_to_evaluate=sweep["search"]["initial"] or None,
+    )
+    sch = sweep["scheduler"]
+    epochs = sweep["base"]["optim"]["epochs"]
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=epochs,
+                               grace_period=min(sch["grace_period"], epochs), reduction_factor=sch["reduction_factor"])
+                 if sch["type"] == "asha" else FIFOScheduler())
+    budget = sweep["budget"]
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=budget["num_trials"],
+            max_concurrent_trials=budget["max_concurrent_trials"], time_budget_s=budget["time_budget_s"],
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        ),
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(d), verbose=0,
+                                      callbacks=[_progress_callback()],
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+    )
+
+
+def run_sweep(sweep: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run (or finish) a sweep; writes trials.csv, best.yaml and a plot into the sweep directory."""
+    from raydist.train.driver import ensure_ray
+
+    check_sweep_dir(sweep, overwrite=overwrite, resume=resume)
+    ensure_ray()
+    d = sweep_dir_of(sweep)
+    if overwrite and d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.copy(sweep["path"], d / "sweep.yaml")
+    print(f"raydist: sweep {sweep['run']['name']}: {sweep['budget']['num_trials']} trials of "
+          f"{Path(sweep['base_path']).name}, {sweep['budget']['max_concurrent_trials']} at a time; "
+          f"directory {d}", flush=True)
+    grid = build_tuner(sweep, resume=resume).fit()
+    return report.write_outputs(sweep, d, grid)
