@@ -112,7 +112,8 @@ def _cmd_models(_: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         size = "x".join(str(s) for s in r["input_size"])
-        print(f"{r['name'].ljust(width)}  input {size:<9} {r.get('description', '')}")
+        params = f"{r['num_params'] / 1e6:6.2f}M" if r.get("num_params") else "      ?"
+        print(f"{r['name'].ljust(width)}  input {size:<11} params {params}  {r.get('description', '')}")
     return 0
 
 

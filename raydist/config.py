@@ -38,6 +38,7 @@ class Field:
     min_exclusive: bool = False
     nullable: bool = False
     help: str = ""
+    accept: Callable[[str], bool] | None = None  # admits values beyond `choices` (e.g. "elu(alpha=0.5)")
 
     def choice_list(self) -> list[str]:
         c = self.choices() if callable(self.choices) else self.choices
@@ -54,6 +55,23 @@ def _models() -> list[str]:
     from raydist.models import list_models
 
     return [m["name"] for m in list_models()]
+
+
+def _activation_spec_ok(value: str) -> bool:
+    """A parametrised activation such as "elu(alpha=0.5)" is valid when it builds."""
+    if "(" not in value:
+        return False
+    from raydist.models import make_activation
+
+    try:
+        make_activation(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _timm_name(value: str) -> bool:
+    return value.startswith("timm/") and len(value) > 5
 
 
 def _activations() -> list[str]:
@@ -101,23 +119,34 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "test_size": Field("int", 512, min=1, help="synthetic only"),
     },
     "model": {
-        "name": Field("str", "resnet18", choices=_models, help="see `raydist models`"),
-        "activation": Field("str", "relu", choices=_activations, help="swapped into every layer"),
-        "width": Field("int", None, nullable=True, min=1, help="base channel count (64 for the paper models)"),
+        "name": Field("str", "resnet18", choices=_models, accept=_timm_name,
+                      help="see `raydist models`; timm/NAME when timm is installed"),
+        "activation": Field("str", "relu", choices=_activations, accept=_activation_spec_ok,
+                            help="swapped into every layer; parameters as in elu(alpha=0.5)"),
+        "width": Field("int", None, nullable=True, min=1,
+                       help="resnet18/preact_resnet18: base channels (64 in the papers); wide_resnet: widening factor"),
     },
     "method": {
         "name": Field("str", "fgsm_sdi", choices=_methods, help="training method"),
         "epsilon": Field("frac", 8 / 255, min=0, max=1, help="L-inf radius in [0,1] pixel units; 8/255 works"),
         "label_smoothing": Field("float", 0.0, min=0, max=1, help="of the training loss (FGSM-SDI's reference: 0.111)"),
-        # method-specific; which apply is decided by raydist.methods.METHOD_PARAMS
+        # method-specific: which apply, and their defaults where not given, come from raydist.methods.METHOD_PARAMS
         "alpha": Field("frac", None, nullable=True, min=0, min_exclusive=True,
-                       help="step size; default: eps/4 (pgd_at), 1.25 eps (fgsm_rs), eps (fgsm_sdi)"),
-        "steps": Field("int", 10, min=1, help="pgd_at: PGD steps"),
-        "random_start": Field("bool", True, help="pgd_at: start uniformly in the eps-ball"),
+                       help="step size; default: eps/4 (pgd_at, trades), 1.25 eps (fgsm_rs, fgsm_ga, fgsm_ckpt), "
+                            "eps (fgsm_sdi, free_at)"),
+        "steps": Field("int", 10, min=1, help="pgd_at, trades: attack steps"),
+        "random_start": Field("bool", None, nullable=True,
+                              help="start uniformly in the eps-ball; default: true (pgd_at, fgsm_ckpt), "
+                                   "false (fgsm_ga)"),
         "k": Field("int", 20, min=1, help="FGSM-SDI: generator updated once every k target updates"),
         "generator_lr": Field("float", 1e-3, min=0, min_exclusive=True, help="FGSM-SDI: Adam lr of the generator"),
         "generator_weight_decay": Field("float", 5e-4, min=0, help="FGSM-SDI"),
         "generator_width": Field("int", 64, min=1, help="FGSM-SDI: hidden channels of the generator"),
+        "m": Field("int", 8, min=1, help="free_at: replays of each minibatch"),
+        "divide_epochs": Field("bool", True, help="free_at: run optim.epochs / m epochs (the paper's equal budget)"),
+        "grad_align_lambda": Field("float", 0.2, min=0, help="fgsm_ga: weight of the GradAlign regularizer"),
+        "c": Field("int", 3, min=1, help="fgsm_ckpt: checkpoints along the FGSM direction"),
+        "beta": Field("float", 6.0, min=0, help="trades: weight of the KL term"),
     },
     "optim": {
         "name": Field("str", "sgd", choices=("sgd",), help="optimizer"),
@@ -224,7 +253,7 @@ def _coerce(field: Field, value: Any, key: str) -> Any:
     choices = field.choice_list()
     if choices:
         for item in out if isinstance(out, list) else [out]:
-            if item not in choices:
+            if item not in choices and not (field.accept is not None and field.accept(item)):
                 raise ConfigError(
                     f"{key}: unknown value {item!r}{_did_you_mean(str(item), choices)}; "
                     f"choose from {', '.join(choices)}"
@@ -296,7 +325,7 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
             cfg[section][key] = _coerce(SCHEMA[section][key], value, f"{section}.{key}")
 
     _check_method_keys(raw.get("method") or {}, cfg["method"])
-    _drop_foreign_method_keys(cfg["method"])
+    _settle_method_keys(raw.get("method") or {}, cfg["method"])
     if cfg["run"]["name"] is None:
         cfg["run"]["name"] = name_hint
     if "/" in cfg["run"]["name"] or cfg["run"]["name"] in ("", ".", ".."):
@@ -321,13 +350,18 @@ def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> No
             raise ConfigError(f"method.{key}: not a parameter of method '{method['name']}' (its parameters: {own})")
 
 
-def _drop_foreign_method_keys(method: dict[str, Any]) -> None:
-    """Keep only the keys the chosen method takes, so a resolved config is itself a valid job file."""
+def _settle_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> None:
+    """Keep only the keys the chosen method takes, with the method's own default where the job gives none, so a
+    resolved config is itself a valid job file (and fgsm_ga's random_start defaults to false, pgd_at's to true)."""
     from raydist.methods import METHOD_PARAMS
 
+    params = METHOD_PARAMS[method["name"]]
     for key in list(method):
-        if key not in METHOD_COMMON and key not in METHOD_PARAMS[method["name"]]:
+        if key not in METHOD_COMMON and key not in params:
             del method[key]
+    for key, default in params.items():
+        if key not in raw_method:
+            method[key] = default
 
 
 def _check_data(data: dict[str, Any]) -> None:

@@ -144,13 +144,17 @@ def test_schedules():
 
 
 def test_method_keys_in_the_schema_match_the_methods():
-    """Every method parameter is a typed job key with the method's own default (alpha: derived, so None)."""
+    """Every method parameter is a typed job key; a resolved job carries the method's own defaults."""
     from raydist.methods import METHOD_PARAMS
 
     for name, params in METHOD_PARAMS.items():
+        raw = {"method": {"name": name}}
+        cfg = C.validate(raw)
         for key, default in params.items():
             assert key in C.SCHEMA["method"], (name, key)
-            assert C.SCHEMA["method"][key].default == default, (name, key)
+            assert cfg["method"][key] == default, (name, key)
+    assert C.validate({"method": {"name": "fgsm_ga"}})["method"]["random_start"] is False
+    assert C.validate({"method": {"name": "pgd_at"}})["method"]["random_start"] is True
 
 
 def test_readme_documents_every_job_key_and_command():

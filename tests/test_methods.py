@@ -144,7 +144,7 @@ def test_default_step_sizes():
 
 
 def test_method_params_match_the_constructors():
-    assert set(METHODS) == {"standard", "pgd_at", "fgsm_rs", "fgsm_sdi"}
+    assert set(METHODS) == {"standard", "pgd_at", "fgsm_rs", "fgsm_sdi", "free_at", "fgsm_ga", "fgsm_ckpt", "trades"}
     assert METHOD_PARAMS["standard"] == {}
     assert METHOD_PARAMS["pgd_at"] == {"steps": 10, "alpha": None, "random_start": True}
     assert METHOD_PARAMS["fgsm_rs"] == {"alpha": None}
@@ -158,8 +158,8 @@ def test_method_params_match_the_constructors():
 
 def test_create_method_errors():
     model = new_model()
-    with pytest.raises(ValueError, match=r"unknown method 'trades'; available: .*fgsm_sdi"):
-        create_method("trades", model, sgd(model), epsilon=EPS)
+    with pytest.raises(ValueError, match=r"unknown method 'mart'; available: .*fgsm_sdi"):
+        create_method("mart", model, sgd(model), epsilon=EPS)
     with pytest.raises(ValueError, match=r"takes no parameter \['k'\].*alpha"):
         create_method("fgsm_rs", model, sgd(model), epsilon=EPS, k=3)
     with pytest.raises(ValueError, match="k must be"):

@@ -23,6 +23,9 @@ from raydist.models import registry as registry_mod
 from raydist.models.registry import Normalize
 
 SMALL = {"width": 8}
+# The two CIFAR ResNet-18s these tests describe; the rest of the zoo (other sizes, other kwargs)
+# is covered by tests/test_models_more.py.
+PAPER_MODELS = ("resnet18", "preact_resnet18")
 
 
 def n_params(m: nn.Module) -> int:
@@ -34,10 +37,12 @@ def test_registry_lists_the_paper_models():
     assert {"resnet18", "preact_resnet18"} <= set(names)
     assert set(names) == set(MODEL_NAMES)
     for m in list_models():
-        assert m["input_size"] == (3, 32, 32) and m["description"]
+        assert m["description"]
+        if m["name"] in PAPER_MODELS:
+            assert m["input_size"] == (3, 32, 32)
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_NAMES))
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_every_model_builds_and_classifies(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, **SMALL)
@@ -48,7 +53,7 @@ def test_every_model_builds_and_classifies(name):
     assert create_model(name, num_classes=200, **SMALL)(torch.rand(2, 3, 64, 64)).shape == (2, 200)
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_NAMES))
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_width_shrinks_the_model(name):
     full = n_params(create_model(name))
     small = n_params(create_model(name, width=16))
@@ -56,7 +61,7 @@ def test_width_shrinks_the_model(name):
     assert small * 12 < full  # ~16x fewer parameters
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_NAMES))
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_activation_argument_replaces_every_relu(name):
     relu_model = create_model(name, **SMALL)
     silu_model = create_model(name, activation="silu", **SMALL)
@@ -142,7 +147,7 @@ def _trained_ish(name: str = "resnet18") -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_NAMES))
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name):
     model = _trained_ish(name)
     path = save_checkpoint(tmp_path / "sub" / "best.pt", model, epoch=7, metrics={"pgd10": 0.5})

@@ -12,12 +12,18 @@ from torch import nn
 from torch.optim import Optimizer
 
 from raydist.methods.base import AutocastFactory, TrainMethod, attack_view
+from raydist.methods.fgsm_ckpt import FGSMCKPT
+from raydist.methods.fgsm_ga import FGSMGA
 from raydist.methods.fgsm_rs import FGSMRS
 from raydist.methods.fgsm_sdi import FGSMSDI
+from raydist.methods.free_at import FreeAT
 from raydist.methods.pgd_at import PGDAT
 from raydist.methods.standard import Standard
+from raydist.methods.trades import TRADES
 
-METHODS: dict[str, type[TrainMethod]] = {cls.name: cls for cls in (Standard, PGDAT, FGSMRS, FGSMSDI)}
+METHODS: dict[str, type[TrainMethod]] = {
+    cls.name: cls for cls in (Standard, PGDAT, FGSMRS, FGSMSDI, FreeAT, FGSMGA, FGSMCKPT, TRADES)
+}
 METHOD_PARAMS: dict[str, dict[str, Any]] = {name: dict(cls.PARAMS) for name, cls in METHODS.items()}
 COMMON_PARAMS: dict[str, Any] = {"label_smoothing": 0.0}
 
@@ -47,11 +53,15 @@ def create_method(
 
 __all__ = [
     "COMMON_PARAMS",
+    "FGSMCKPT",
+    "FGSMGA",
     "FGSMRS",
     "FGSMSDI",
+    "FreeAT",
     "METHODS",
     "METHOD_PARAMS",
     "PGDAT",
+    "TRADES",
     "Standard",
     "TrainMethod",
     "attack_view",

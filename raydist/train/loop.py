@@ -50,6 +50,18 @@ def _autocast(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay for the weights, none for learnable activation parameters (decay would pull SmoothReLU's
+    alpha down, away from what the data asks for)."""
+    from raydist.models.activations import activation_parameters
+
+    act = {id(p) for p in activation_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in act], "weight_decay": weight_decay}]
+    if act:
+        groups.append({"params": [p for p in model.parameters() if id(p) in act], "weight_decay": 0.0})
+    return groups
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # reseeding per epoch makes a resumed run draw exactly what an uninterrupted one would
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
@@ -140,8 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = torch.compile(model)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    optimizer = torch.optim.SGD(base_model.parameters(), lr=ocfg["lr"], momentum=ocfg["momentum"],
-                                weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
+    optimizer = torch.optim.SGD(_param_groups(base_model, ocfg["weight_decay"]), lr=ocfg["lr"],
+                                momentum=ocfg["momentum"], nesterov=ocfg["nesterov"])
     autocast = _autocast(device, run["precision"])
     method = create_method(job["method"]["name"], model, optimizer, epsilon=eps, autocast=autocast,
                            label_smoothing=job["method"]["label_smoothing"], **method_params(job))
@@ -155,8 +167,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test_loader = DeviceLoader(splits.test_x[:n_test], splits.test_y[:n_test], batch_size=data["eval_batch_size"],
                                shuffle=False, **common)
 
-    epochs = ocfg["epochs"]
-    steps_per_epoch = len(train_loader)
+    # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs
+    updates_per_step = getattr(method, "updates_per_step", 1)
+    epochs = max(1, math.ceil(ocfg["epochs"] / getattr(method, "epoch_divisor", 1)))
+    steps_per_epoch = len(train_loader) * updates_per_step
     multiplier = lr_multiplier(ocfg["schedule"], epochs=epochs, steps_per_epoch=steps_per_epoch,
                                milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
@@ -199,8 +213,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         for x, y in train_loader:
             loss, logits = method.step(x, y)
-            for sched in schedulers:
-                sched.step()
+            for _ in range(updates_per_step):
+                for sched in schedulers:
+                    sched.step()
             sums["loss"] += loss.float() * y.shape[0]
             sums["correct"] += (logits.argmax(1) == y).sum()
             sums["n"] += y.shape[0]
@@ -267,24 +282,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _say(_progress_line(row, epochs, remaining))
                 if stopped:
                     _say(f"validation PGD accuracy fell {100 * (peak_pgd - row['val_pgd_acc']):.1f} points below "
-                         f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); best.pt is epoch {best_epoch}")
+                         f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); "
+                         f"best.pt is epoch {best_epoch}")
         ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
-        _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec, meta)
+        _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
+                    meta, epochs)
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                meta) -> None:
+                meta, epochs) -> None:
     """Evaluate the last and the best weights on the test set (never used for selection); rank 0 writes it."""
     attacks = list(job["eval"]["test_attacks"])
     if "clean" not in attacks:
         attacks.insert(0, "clean")
     eps = job["method"]["epsilon"]
     seed = job["run"]["seed"]
-    last_epoch = artifacts.read_metrics(run_dir)[-1]["epoch"] if rank == 0 else job["optim"]["epochs"]
+    last_epoch = artifacts.read_metrics(run_dir)[-1]["epoch"] if rank == 0 else epochs
     results = {}
     last_weights = copy.deepcopy(base_model.state_dict())
     for which, weights in (("last", None), ("best", best_weights)):
