@@ -19,6 +19,7 @@ EPILOG = """examples:
   raydist train jobs/cifar10_fgsm_sdi.yaml --set method.k=10 --set optim.lr=0.05
   raydist train jobs/digits_fgsm_sdi.yaml --resume        # continue an interrupted run
   raydist tune jobs/tune_digits.yaml                      # Ray Tune + Optuna sweep, ASHA early stopping
+  raydist eval runs/x/best.pt --attacks clean,pgd20,aa     # robust accuracy on a pool of Ray actors
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
 """
@@ -59,6 +60,28 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
     tu.add_argument("--overwrite", action="store_true", help="delete an existing sweep directory and start again")
 
+    ev = sub.add_parser("eval", help="robust accuracy of checkpoints under attacks, on a pool of Ray actors",
+                        description="Split the test set into shards and attack them on Ray evaluation actors. Writes "
+                                    "OUT/: report.md, report.json, samples.parquet (per sample), eps_curve.png.")
+    ev.add_argument("checkpoints", nargs="+", help="raydist checkpoints (best.pt, last.pt)")
+    ev.add_argument("--attacks", default="clean,fgsm,pgd10,pgd20,pgd50,cw20",
+                    help="comma-separated: clean, fgsm, pgdN, cw20, apgd-ce, apgd-dlr, apgd-t, fab-t, square, aa "
+                         "(default: %(default)s)")
+    ev.add_argument("--eps", default=None, help="L-inf radius, e.g. 8/255 (default: the first checkpoint's)")
+    ev.add_argument("--eps-sweep", default=None,
+                    help="comma-separated radii for the PGD-20 eps curve, e.g. 2/255,8/255")
+    ev.add_argument("--workers", type=int, default=2, help="evaluation actors (default: %(default)s)")
+    ev.add_argument("--gpus-per-worker", type=float, default=0.0, help="e.g. 0.25: four actors share a GPU")
+    ev.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ev.add_argument("--samples", type=int, default=None, help="first N test images (default: all)")
+    ev.add_argument("--shard-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data-root", default=None, help="where the dataset files are, if not where training had them")
+    ev.add_argument("--out", default=None, help="output directory (default: next to the first checkpoint, eval/)")
+    ev.add_argument("--resume", action="store_true", help="finish an interrupted evaluation")
+    ev.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+
     sub.add_parser("models", help="list the model names create_model and job files accept")
     return p
 
@@ -98,6 +121,45 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    for name, value, low in (("--workers", args.workers, 1), ("--shard-size", args.shard_size, 1),
+                             ("--batch-size", args.batch_size, 1), ("--samples", args.samples, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name}: must be >= {low}, got {value}")
+    if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    sweep = [C.parse_fraction(e, "--eps-sweep") for e in args.eps_sweep.split(",")] if args.eps_sweep else []
+    eps = C.parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    if eps is None:
+        import torch
+
+        first = Path(args.checkpoints[0])
+        if not first.is_file():
+            raise ConfigError(f"checkpoint not found: {first}")
+        try:
+            eps = float(torch.load(first, map_location="cpu", weights_only=False)["epsilon"])
+        except Exception:  # noqa: BLE001
+            raise ConfigError(f"{first}: no epsilon recorded; pass --eps") from None
+    out = Path(args.out) if args.out else Path(args.checkpoints[0]).resolve().parent / "eval"
+    from raydist.evaluate.runner import run_evaluation
+
+    try:
+        run_evaluation(args.checkpoints, attacks, eps, out, workers=args.workers,
+                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                       shard_size=args.shard_size, batch_size=args.batch_size, samples=args.samples,
+                       seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
+                       data_root=args.data_root)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line, exit 1
+        print(f"raydist: evaluation failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from raydist.config import dump, load_job
 
@@ -123,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": _cmd_train, "tune": _cmd_tune, "check": _cmd_check, "models": _cmd_models}[args.command]
+    handler = {"train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "check": _cmd_check,
+               "models": _cmd_models}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

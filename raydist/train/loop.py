@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             artifacts.truncate_metrics(run_dir, start_epoch)
             _say(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
 
-    meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"]}
+    # the data section travels with the checkpoint so `raydist eval` finds the same test split
+    meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"], "data": dict(data)}
     history = artifacts.read_metrics(run_dir) if rank == 0 else []
     val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
     loop_start = time.perf_counter()

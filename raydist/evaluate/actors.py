@@ -1,0 +1,67 @@
+"""Evaluation actors: each holds the test split and the models it has been asked about, and attacks one shard.
+
+A shard is a contiguous range of test indices for one (checkpoint, attack) pair. The result is per sample —
+index, label, clean prediction, whether the attack failed to flip it — so the driver can write it to parquet as
+it arrives and resume an interrupted evaluation shard by shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class EvalWorker:
+    """Plain class; the runner wraps it with ``ray.remote`` (fractional GPUs let several share one device)."""
+
+    def __init__(self, data: dict[str, Any], use_gpu: bool, threads: int = 1) -> None:
+        from raydist.data import load_dataset
+
+        if not use_gpu:
+            torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        splits = load_dataset(data["dataset"], **{k: v for k, v in data.items() if k != "dataset"})
+        self.x, self.y = splits.test_x, splits.test_y
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def _model(self, path: str) -> torch.nn.Module:
+        if path not in self.models:
+            from raydist.models import load_checkpoint
+
+            model, _ = load_checkpoint(path, device=str(self.device))
+            self.models[path] = model.eval()
+        return self.models[path]
+
+    def evaluate(self, path: str, attack: str, start: int, end: int, eps: float, batch_size: int,
+                 seed: int, attack_kwargs: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        from raydist.attacks import run_attack
+
+        model = self._model(path)
+        preds, robust = [], []
+        for b0 in range(start, end, batch_size):
+            b1 = min(end, b0 + batch_size)
+            x = self.x[b0:b1].to(self.device).float().div_(255)
+            y = self.y[b0:b1].to(self.device)
+            with torch.no_grad():
+                clean = model(x).argmax(1)
+            if attack == "clean":
+                ok = clean == y
+            else:
+                x_adv = run_attack(attack, model, x, y, eps, seed=seed + b0, **(attack_kwargs or {}))
+                with torch.no_grad():
+                    ok = model(x_adv).argmax(1) == y
+            preds.append(clean.cpu())
+            robust.append(ok.cpu())
+        return {
+            "index": np.arange(start, end),
+            "label": self.y[start:end].numpy(),
+            "clean_pred": torch.cat(preds).numpy(),
+            "robust": torch.cat(robust).numpy(),
+        }
+
+    def ping(self) -> int:
+        import os
+
+        return os.getpid()

@@ -1,0 +1,261 @@
+"""`raydist eval`: checkpoints x attacks x test shards, fanned out over a pool of Ray evaluation actors.
+
+Every finished shard is written at once as a small parquet part, so an interrupted evaluation resumes where it
+stopped (--resume), and a shard whose actor died is handed to another actor. At the end the parts are merged
+into samples.parquet and summarised as report.md / report.json (one row per checkpoint, the papers' column
+order), with eps_curve.png for --eps-sweep and the sanity flags a robustness researcher looks for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from raydist import config as C
+
+COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd50": "PGD-50",
+           "cw20": "C&W", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab-t": "FAB-T",
+           "square": "Square", "aa": "AA"}
+WHITE_BOX = ("fgsm", "pgd10", "pgd20", "pgd50", "cw20", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
+SWEEP_ATTACK = "pgd20"
+
+
+def _eps_tag(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}-255" if abs(k - round(k)) < 1e-6 else f"{eps:.6g}"
+
+
+def _column_order(attack: str) -> int:
+    names = list(COLUMNS)
+    return names.index(attack) if attack in names else len(names)
+
+
+def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, resume: bool,
+                 overwrite: bool) -> dict[str, Any]:
+    """Everything a user typed, checked before Ray starts; returns the data section the actors load."""
+    import torch
+
+    from raydist.attacks import get_attack
+
+    if not checkpoints:
+        raise C.ConfigError("give at least one checkpoint")
+    for name in attacks:
+        try:
+            get_attack(name)
+        except ValueError as err:
+            raise C.ConfigError(f"--attacks: {err}") from None
+    data = None
+    for path in checkpoints:
+        p = Path(path)
+        if not p.is_file():
+            raise C.ConfigError(f"checkpoint not found: {p}")
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same mistake for the user
+            raise C.ConfigError(f"cannot read checkpoint {p}: {type(err).__name__}") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != "raydist/1":
+            raise C.ConfigError(f"{p} is not a raydist checkpoint")
+        this = ckpt.get("data") or {"dataset": ckpt.get("dataset", "digits")}
+        if data is not None and this != data:
+            raise C.ConfigError(f"{p} was trained on {this.get('dataset')} with other data settings than "
+                                f"{checkpoints[0]}: evaluate them separately")
+        data = this
+    if overwrite and resume:
+        raise C.ConfigError("--resume and --overwrite exclude each other")
+    if resume and not (out_dir / "parts").is_dir():
+        raise C.ConfigError(f"--resume: no evaluation to resume at {out_dir}")
+    if not resume and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise C.ConfigError(f"output directory {out_dir} already exists "
+                            "(--resume finishes it, --overwrite deletes it and starts again)")
+    keep = ("dataset", "root", "download", "val_size", "image_size", "num_classes", "channels", "train_size",
+            "test_size")
+    return {k: v for k, v in data.items() if k in keep}
+
+
+def _tasks(n_ckpt: int, attacks: list[str], eps: float, sweep: list[float], n: int, shard: int) -> list[tuple]:
+    jobs = [(c, a, eps) for c in range(n_ckpt) for a in attacks]
+    jobs += [(c, SWEEP_ATTACK, e) for c in range(n_ckpt) for e in sweep if (c, SWEEP_ATTACK, e) not in jobs]
+    return [(c, a, e, s0, min(n, s0 + shard)) for c, a, e in jobs for s0 in range(0, n, shard)]
+
+
+def _part_name(task: tuple) -> str:
+    c, a, e, s0, _ = task
+    return f"c{c}_{a}_{_eps_tag(e)}_{s0:07d}.parquet"
+
+
+def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_dir: str | Path, *,
+                   workers: int = 2, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                   shard_size: int = 256, batch_size: int = 256, samples: int | None = None, seed: int = 0,
+                   eps_sweep: list[float] | None = None, resume: bool = False, overwrite: bool = False,
+                   data_root: str | None = None, attack_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from tqdm import tqdm
+
+    from raydist.data import load_dataset
+    from raydist.evaluate.actors import EvalWorker
+    from raydist.train.driver import ensure_ray
+
+    out = Path(out_dir).resolve()
+    data = check_inputs(checkpoints, attacks, out, resume=resume, overwrite=overwrite)
+    if data_root is not None:
+        data["root"] = data_root
+    paths = [str(Path(p).resolve()) for p in checkpoints]
+    n_test = len(load_dataset(data["dataset"], **{k: v for k, v in data.items() if k != "dataset"}).test_y)
+    n = n_test if samples is None else min(samples, n_test)
+    ensure_ray()
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    sweep = sorted(eps_sweep or [])
+    todo = deque(t for t in _tasks(len(paths), attacks, eps, sweep, n, shard_size)
+                 if not (parts / _part_name(t)).exists())
+    every = _tasks(len(paths), attacks, eps, sweep, n, shard_size)
+    total = len(every)
+    label = {t: COLUMNS.get(t[1], t[1]) + ("" if t[2] == eps else f"@{_eps_tag(t[2]).replace('-', '/')}")
+             for t in every}
+    by_attack = {lab: [0, 0] for lab in label.values()}  # shards done, shards in all, per attack
+    for t in every:
+        by_attack[label[t]][1] += 1
+        by_attack[label[t]][0] += (parts / _part_name(t)).exists()
+    print(f"raydist: evaluating {len(paths)} checkpoint(s) x {len(attacks)} attack(s) on {n} test images "
+          f"({total} shards, {total - len(todo)} already done) with {workers} actor(s)", flush=True)
+
+    remote = ray.remote(EvalWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or 0)
+    threads = max(1, int(cpus_per_worker))
+    actors = [remote.remote(data, gpus_per_worker > 0, threads) for _ in range(max(1, workers))]
+    idle = deque(actors)
+    running: dict[Any, tuple] = {}
+    bar = tqdm(total=total, initial=total - len(todo), desc="shards", unit="shard")
+    retries = 0
+    try:
+        while todo or running:
+            while todo and idle:
+                actor, task = idle.popleft(), todo.popleft()
+                c, a, e, s0, s1 = task
+                ref = actor.evaluate.remote(paths[c], a, s0, s1, e, batch_size, seed, attack_kwargs)
+                running[ref] = (task, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            task, actor = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
+                retries += 1
+                if retries > 3 * len(actors) + total:
+                    raise
+                todo.appendleft(task)  # the shard goes to another actor; this one is replaced
+                idle.append(remote.remote(data, gpus_per_worker > 0, threads))
+                bar.write(f"an evaluation actor died; shard {_part_name(task)} is redone on another")
+                continue
+            c, a, e, s0, _ = task
+            table = pa.table({"checkpoint": [c] * len(result["index"]), "attack": [a] * len(result["index"]),
+                              "eps": [e] * len(result["index"]), **result})
+            tmp = parts / (_part_name(task) + ".tmp")
+            pq.write_table(table, tmp)
+            tmp.rename(parts / _part_name(task))
+            idle.append(actor)
+            by_attack[label[task]][0] += 1
+            bar.set_postfix_str(" ".join(f"{k} {d}/{t}" for k, (d, t) in by_attack.items() if 0 < d < t)
+                                or f"{label[task]} done")
+            bar.update(1)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return summarize(out, paths, attacks, eps, sweep)
+
+
+def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep: list[float]) -> dict[str, Any]:
+    """Merge the parts into samples.parquet and write report.md, report.json and eps_curve.png."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sorted((out / "parts").glob("*.parquet")))
+    pq.write_table(table, out / "samples.parquet")
+    df = table.to_pandas()
+    rows = []
+    for c, path in enumerate(paths):
+        mine = df[(df.checkpoint == c) & (abs(df.eps - eps) < 1e-12)]
+        acc = {a: float(mine[mine.attack == a].robust.mean()) for a in attacks if (mine.attack == a).any()}
+        curve = {}
+        for e in sweep:
+            sub = df[(df.checkpoint == c) & (df.attack == SWEEP_ATTACK) & (abs(df.eps - e) < 1e-12)]
+            if len(sub):
+                curve[e] = float(sub.robust.mean())
+        clean = float((mine.clean_pred == mine.label).mean()) if len(mine) else math.nan
+        rows.append({"checkpoint": path, "n": int(mine.groupby("attack").size().max()) if len(mine) else 0,
+                     "clean": clean, "accuracy": acc,
+                     "eps_curve": [{"eps": e, "attack": SWEEP_ATTACK, "accuracy": v} for e, v in curve.items()],
+                     "flags": sanity_flags(clean, acc, curve)})
+    report = {"epsilon": eps, "attacks": attacks, "rows": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(format_report(report) + "\n")
+    if sweep:
+        _plot_curve(out / "eps_curve.png", rows)
+    print("\n" + format_report(report))
+    print(f"\nwritten: {out}/report.md, report.json, samples.parquet" + (", eps_curve.png" if sweep else ""))
+    return report
+
+
+def sanity_flags(clean: float, acc: dict[str, float], curve: dict[float, float]) -> list[str]:
+    """What a robustness researcher checks before trusting a table (Carlini et al., "On evaluating...")."""
+    flags = []
+    if "fgsm" in acc and acc["fgsm"] > clean + 1e-9:
+        flags.append("FGSM accuracy is above clean accuracy: label leaking")
+    white = [acc[a] for a in WHITE_BOX if a in acc]
+    multi = [acc[a] for a in ("pgd10", "pgd20", "pgd50", "apgd-ce") if a in acc]
+    if "fgsm" in acc and multi and min(multi) > acc["fgsm"] + 0.02:
+        flags.append("multi-step attacks are weaker than FGSM: gradient masking")
+    if "square" in acc and white and acc["square"] < min(white) - 0.02:
+        flags.append("the black-box Square attack beats the white-box attacks: gradient masking")
+    if len(curve) >= 2:
+        es = sorted(curve)
+        if any(curve[b] > curve[a] + 0.02 for a, b in zip(es, es[1:])):
+            flags.append("accuracy does not fall as eps grows: gradient masking")
+    return flags
+
+
+def format_report(report: dict[str, Any]) -> str:
+    attacks = sorted(report["attacks"], key=_column_order)
+    head = ["checkpoint", "n"] + [COLUMNS.get(a, a) for a in attacks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in report["rows"]:
+        name = "/".join(Path(r["checkpoint"]).parts[-2:])
+        cells = [name, str(r["n"])] + [f"{100 * r['accuracy'][a]:.2f}" if a in r["accuracy"] else "-"
+                                       for a in attacks]
+        lines.append("| " + " | ".join(cells) + " |")
+        notes += [f"- {name}: {f}" for f in r["flags"]]
+        if r["eps_curve"]:
+            notes.append(f"- {name}: {SWEEP_ATTACK} accuracy by eps: " + ", ".join(
+                f"{_eps_tag(p['eps']).replace('-', '/')}: {100 * p['accuracy']:.1f}%" for p in r["eps_curve"]))
+    eps = report["epsilon"]
+    lines.insert(0, f"Robust accuracy (%) at eps = {_eps_tag(eps).replace('-', '/')} (L-inf)\n")
+    lines.append("\n" + ("\n".join(notes) if notes else "sanity checks: no label leaking or gradient masking signs"))
+    return "\n".join(lines)
+
+
+def _plot_curve(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        ax.plot([p["eps"] * 255 for p in r["eps_curve"]], [100 * p["accuracy"] for p in r["eps_curve"]], "-o", ms=3,
+                label="/".join(Path(r["checkpoint"]).parts[-2:]))
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel(f"{SWEEP_ATTACK.upper()} accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""`raydist eval`: a pool of Ray evaluation actors, per-sample parquet, resume, a killed actor, sanity flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydist.cli import main
+from raydist.data import DeviceLoader, load_dataset
+from raydist.evaluate.runner import sanity_flags
+from raydist.methods import create_method
+from raydist.models import create_model, model_spec_for, save_checkpoint
+
+EPS = 32 / 255
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A width-8 ResNet-18 trained for one FGSM-RS epoch on digits, saved as raydist checkpoints."""
+    torch.manual_seed(0)
+    splits = load_dataset("digits")
+    model = create_model("resnet18", num_classes=10, width=8, mean=splits.mean, std=splits.std)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method = create_method("fgsm_rs", model, opt, epsilon=EPS)
+    for x, y in DeviceLoader(splits.train_x, splits.train_y, batch_size=64):
+        method.step(x, y)
+    spec = model_spec_for("resnet18", 10, "relu", 3, [3, 32, 32], list(splits.mean), list(splits.std), width=8)
+    d = tmp_path_factory.mktemp("ckpt")
+    for name in ("best.pt", "last.pt"):
+        save_checkpoint(d / name, model, model_spec=spec, epsilon=EPS, method="fgsm_rs", dataset="digits",
+                        data={"dataset": "digits"}, epoch=1)
+    return d
+
+
+def test_sanity_flags():
+    assert "label leaking" in " ".join(sanity_flags(0.8, {"fgsm": 0.9, "pgd10": 0.5}, {}))
+    assert "gradient masking" in " ".join(sanity_flags(0.9, {"fgsm": 0.3, "pgd10": 0.6}, {}))
+    assert "gradient masking" in " ".join(sanity_flags(0.9, {"pgd10": 0.5, "square": 0.2}, {}))
+    assert "gradient masking" in " ".join(sanity_flags(0.9, {}, {2 / 255: 0.5, 8 / 255: 0.7}))
+    assert sanity_flags(0.9, {"fgsm": 0.6, "pgd10": 0.5, "square": 0.55}, {2 / 255: 0.7, 8 / 255: 0.5}) == []
+
+
+def test_bad_input_exits_2(tmp_path, checkpoint, capsys):
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["eval", str(checkpoint / "best.pt"), "--attacks", "clean,pgdx", "--out", str(tmp_path / "o")]) == 2
+    assert "pgdx" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["eval", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "report.md").write_text("mine")
+    assert main(["eval", str(checkpoint / "best.pt"), "--out", str(tmp_path / "o2")]) == 2
+    assert (tmp_path / "o2" / "report.md").read_text() == "mine"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_eval_report_samples_resume_and_a_killed_actor(tmp_path, checkpoint, capsys):
+    import ray
+    from ray.util.state import list_actors
+
+    out = tmp_path / "eval"
+    args = ["eval", str(checkpoint / "best.pt"), str(checkpoint / "last.pt"), "--attacks", "clean,fgsm,pgd10",
+            "--samples", "96", "--shard-size", "16", "--workers", "2", "--eps-sweep", "8/255,32/255",
+            "--out", str(out)]
+    killed = []
+
+    def kill_one_actor():  # once shards are landing, kill an evaluation actor's process
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if len(list((out / "parts").glob("*.parquet"))) >= 3:
+                alive = list_actors(filters=[("class_name", "=", "EvalWorker"), ("state", "=", "ALIVE")])
+                if alive:
+                    os.kill(alive[0].pid, signal.SIGKILL)
+                    killed.append(alive[0].pid)
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=kill_one_actor, daemon=True)
+    t.start()
+    assert main(args) == 0
+    t.join(timeout=5)
+    printed = capsys.readouterr()
+    assert killed, "no actor was killed"
+    assert "redone on another" in printed.err + printed.out
+
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["rows"]) == 2
+    samples = pq.read_table(out / "samples.parquet").to_pandas()
+    # 2 checkpoints x (3 attacks + the eps-sweep point 8/255 at PGD-20 + 32/255 at PGD-20) x 96 samples
+    assert len(samples) == 2 * 5 * 96
+    assert not samples.duplicated(["checkpoint", "attack", "eps", "index"]).any()
+    for row in report["rows"]:
+        acc = row["accuracy"]
+        assert acc["pgd10"] <= acc["clean"] and row["n"] == 96
+        assert [p["eps"] for p in row["eps_curve"]] == [8 / 255, 32 / 255]
+        assert row["eps_curve"][0]["accuracy"] >= row["eps_curve"][1]["accuracy"]
+    assert report["rows"][0]["accuracy"] == report["rows"][1]["accuracy"]  # same weights, same seeds
+    text = (out / "report.md").read_text()
+    assert "| Clean | FGSM | PGD-10 |" in text and (out / "eps_curve.png").is_file()
+
+    # resume: lose two shards, finish only those
+    parts = sorted((out / "parts").glob("*.parquet"))
+    mtimes = {p.name: p.stat().st_mtime for p in parts}
+    for p in parts[:2]:
+        p.unlink()
+    assert main([*args, "--resume"]) == 0
+    assert f"{len(parts) - 2} already done" in capsys.readouterr().out
+    after = sorted((out / "parts").glob("*.parquet"))
+    assert len(after) == len(parts)
+    for p in after[2:]:
+        assert p.stat().st_mtime == mtimes[p.name]
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+    ray.get([])  # the session's Ray is still usable
