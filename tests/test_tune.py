@@ -121,9 +121,12 @@ def test_sweep_runs_stops_early_records_failures_and_writes_best(tmp_path, capsy
                                           key=lambda r: float(r["best_val_pgd_acc"]))["method.k"])
     out = capsys.readouterr().out
     assert "best:" in out and "val PGD" in out
-    # best.yaml is a complete job that `raydist train` accepts as is
-    cfg = C.load_job(d / "best.yaml", [f"run.output_dir={tmp_path / 'best_runs'}"])
-    assert cfg["optim"]["epochs"] == 3
+    # best.yaml is a complete job that `raydist train` runs as is
+    cfg = C.load_job(d / "best.yaml")
+    assert cfg["optim"]["epochs"] == 3 and cfg["run"]["name"] == "sw_best"
+    assert main(["train", str(d / "best.yaml"), "--set", f"run.output_dir={tmp_path / 'best_runs'}",
+                 "--set", "optim.epochs=1", "--set", "eval.test_attacks=[clean]"]) == 0
+    assert (tmp_path / "best_runs" / "sw_best" / "summary.json").is_file()
 
 
 @pytest.mark.usefixtures("ray_session")
