@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e ".[dev]"
+	# test-only: an independent attack implementation to check ours against; --no-deps because it pins an old
+	# requests (what it really needs, numpy/scipy/tqdm, is already here)
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 # The main job on the embedded digits dataset; writes runs/demo/digits_fgsm_sdi (replaced on each demo).

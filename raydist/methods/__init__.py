@@ -35,10 +35,13 @@ def create_method(
     *,
     epsilon: float,
     autocast: AutocastFactory | None = None,
+    smooth_backward: str = "none",
     **params: Any,
 ) -> TrainMethod:
     """Build method ``name``; ``params`` are its own parameters (see ``METHOD_PARAMS``) or
-    ``label_smoothing``.  Unknown names and parameters raise ValueError listing the choices."""
+    ``label_smoothing``.  ``smooth_backward`` (none, attacker, optimizer, both) says where a
+    ``relu_smoothgrad`` model uses its smooth backward (SAT).  Unknown names and parameters raise
+    ValueError listing the choices."""
     try:
         cls = METHODS[name]
     except KeyError:
@@ -48,7 +51,7 @@ def create_method(
     if unknown:
         own = ", ".join(allowed)
         raise ValueError(f"method '{name}' takes no parameter {unknown}; its parameters: {own}")
-    return cls(model, optimizer, epsilon=epsilon, autocast=autocast, **params)
+    return cls(model, optimizer, epsilon=epsilon, autocast=autocast, smooth_backward=smooth_backward, **params)
 
 
 __all__ = [

@@ -20,6 +20,11 @@ from torch.optim import Optimizer
 
 AutocastFactory = Callable[[], AbstractContextManager]
 
+# SAT's controlled experiment: where relu_smoothgrad uses its smooth backward (attacker, optimizer)
+SMOOTH_BACKWARD: dict[str, tuple[bool, bool]] = {
+    "none": (False, False), "attacker": (True, False), "optimizer": (False, True), "both": (True, True),
+}
+
 
 def attack_view(model: nn.Module) -> nn.Module:
     """The module to run attack-only passes on: ``model.module`` under DDP, else ``model``."""
@@ -47,6 +52,7 @@ class TrainMethod:
         epsilon: float,
         label_smoothing: float = 0.0,
         autocast: AutocastFactory | None = None,
+        smooth_backward: str = "none",
     ) -> None:
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
@@ -58,6 +64,12 @@ class TrainMethod:
         self.epsilon = float(epsilon)
         self.label_smoothing = float(label_smoothing)
         self.autocast: AutocastFactory = autocast if autocast is not None else contextlib.nullcontext
+        if smooth_backward not in SMOOTH_BACKWARD:
+            raise ValueError(f"smooth_backward must be one of {', '.join(SMOOTH_BACKWARD)}, got {smooth_backward!r}")
+        from raydist.models.activations import configure_sat
+
+        # attack passes run under self.sat.attack(), the weight update's forward + backward under self.sat.update()
+        self.sat = configure_sat(self.attack_model, *SMOOTH_BACKWARD[smooth_backward])
         self.num_steps = 0  # target (model) updates made so far
 
     # -- the recipe -------------------------------------------------------------------------
@@ -85,12 +97,14 @@ class TrainMethod:
         caller decides when to read them.
         """
         self._train_mode()
-        x_train = self._step_example(x, y)
+        with self.sat.attack():
+            x_train = self._step_example(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.model(x_train)
-        loss = self.loss(logits, y)
-        loss.backward()
+        with self.sat.update():
+            with self.autocast():
+                logits = self.model(x_train)
+            loss = self.loss(logits, y)
+            loss.backward()
         self.optimizer.step()
         self.num_steps += 1
         return loss.detach(), logits.detach()

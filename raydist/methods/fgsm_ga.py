@@ -98,16 +98,18 @@ class FGSMGA(TrainMethod):
         """One optimizer step on CE(f(x_fgsm), y) + λ·GradAlign; returns that total loss."""
         self._train_mode()
         x = x.detach()
-        x_train, grad_x = self._example_and_clean_grad(x, y)
+        with self.sat.attack():
+            x_train, grad_x = self._example_and_clean_grad(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.model(x_train)
-        loss = self.loss(logits, y)
-        if self.grad_align_lambda > 0:
-            # the regularizer's pass runs on the inner module; its weight gradient lands in the same
-            # .grad leaves before DDP's per-parameter hooks fire, so it is all-reduced with the rest
-            loss = loss + self.grad_align_lambda * self.grad_align(x, y, grad_x)
-        loss.backward()
+        with self.sat.update():
+            with self.autocast():
+                logits = self.model(x_train)
+            loss = self.loss(logits, y)
+            if self.grad_align_lambda > 0:
+                # the regularizer's pass runs on the inner module; its weight gradient lands in the same
+                # .grad leaves before DDP's per-parameter hooks fire, so it is all-reduced with the rest
+                loss = loss + self.grad_align_lambda * self.grad_align(x, y, grad_x)
+            loss.backward()
         self.optimizer.step()
         self.num_steps += 1
         return loss.detach(), logits.detach()

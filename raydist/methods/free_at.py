@@ -46,6 +46,9 @@ class FreeAT(TrainMethod):
         super().__init__(model, optimizer, **common)
         if m < 1:
             raise ValueError(f"m must be >= 1, got {m}")
+        if self.sat.attacker != self.sat.optimizer:
+            raise ValueError("free_at takes the attack's and the weights' gradients from one backward pass, so "
+                             "smooth_backward can only be 'none' or 'both'")
         self.m = int(m)
         self.alpha = float(alpha) if alpha is not None else self.epsilon
         self.divide_epochs = bool(divide_epochs)
@@ -86,7 +89,8 @@ class FreeAT(TrainMethod):
         self._train_mode()
         x = x.detach()
         delta = self._carried_delta(x, store=False)
-        grad = input_gradient(self.attack_model, torch.clamp(x + delta, 0.0, 1.0), y, autocast=self.autocast)
+        with self.sat.attack():
+            grad = input_gradient(self.attack_model, torch.clamp(x + delta, 0.0, 1.0), y, autocast=self.autocast)
         delta = torch.clamp(delta + self.alpha * grad.sign(), -self.epsilon, self.epsilon)
         return torch.clamp(x + delta, 0.0, 1.0).detach()
 
@@ -99,10 +103,11 @@ class FreeAT(TrainMethod):
         for _ in range(self.m):
             d = delta.detach().clone().requires_grad_(True)
             self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                logits = self.model(torch.clamp(x + d, 0.0, 1.0))
-            loss = self.loss(logits, y)
-            loss.backward()  # weight gradients (all-reduced under DDP) and ∇δ in one pass
+            with self.sat.update():
+                with self.autocast():
+                    logits = self.model(torch.clamp(x + d, 0.0, 1.0))
+                loss = self.loss(logits, y)
+                loss.backward()  # weight gradients (all-reduced under DDP) and ∇δ in one pass
             with torch.no_grad():
                 delta.add_(self.alpha * d.grad.sign()).clamp_(-self.epsilon, self.epsilon)
             self.optimizer.step()

@@ -88,13 +88,15 @@ class TRADES(TrainMethod):
         """One optimizer step on the TRADES loss.  Returns (loss, logits on x′), detached."""
         self._train_mode()
         x = x.detach()
-        x_adv = self.training_example(x, y)
+        with self.sat.attack():
+            x_adv = self.training_example(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():  # two forwards of the wrapped model (as the reference), one backward
-            logits_nat = self.model(x)
-            logits_adv = self.model(x_adv)
-        loss, _, _ = self.loss_terms(logits_nat, logits_adv, y)
-        loss.backward()
+        with self.sat.update():
+            with self.autocast():  # two forwards of the wrapped model (as the reference), one backward
+                logits_nat = self.model(x)
+                logits_adv = self.model(x_adv)
+            loss, _, _ = self.loss_terms(logits_nat, logits_adv, y)
+            loss.backward()
         self.optimizer.step()
         self.num_steps += 1
         return loss.detach(), logits_adv.detach()
