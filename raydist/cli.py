@@ -22,6 +22,7 @@ EPILOG = """examples:
   raydist eval runs/x/best.pt --attacks clean,pgd20,aa     # robust accuracy on a pool of Ray actors
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
+  raydist data to-parquet ~/imagenet ~/imagenet-parquet   # class folders -> sharded parquet for streaming
 """
 
 
@@ -83,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
 
     sub.add_parser("models", help="list the model names create_model and job files accept")
+    d = sub.add_parser("data", help="dataset tools: convert class folders to sharded parquet")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    tp = dsub.add_parser("to-parquet", help="class folders (ImageNet / Tiny ImageNet layout) -> sharded parquet",
+                         description="Write the images (encoded bytes) and labels of SRC's train / val / test "
+                                     "splits into DST/<split>/part-*.parquet with pyarrow, plus DST/classes.json. "
+                                     "val is held out of SRC's train folders; test is SRC's val. Point data.root "
+                                     "at DST and set data.stream: true to train from it through Ray Data.")
+    tp.add_argument("src", help="dataset folder: train/<class>/*.JPEG and val/<class>/* (or Tiny ImageNet's)")
+    tp.add_argument("dst", help="output folder")
+    tp.add_argument("--shard-size", type=int, default=None, help="images per parquet file")
+    tp.add_argument("--resize", type=int, default=None, help="shrink the short side to this many pixels")
+    tp.add_argument("--val-per-class", type=int, default=None, help="validation images held out per class (10)")
+    tp.add_argument("--val-size", type=int, default=None, help="validation images held out in all")
+    tp.add_argument("--split", action="append", choices=("train", "val", "test"), default=None,
+                    help="only this split (repeatable; default: all three)")
+    tp.add_argument("--workers", type=int, default=None, help="encoding threads (default: up to 8)")
+    tp.add_argument("--overwrite", action="store_true", help="replace existing part files in DST")
     return p
 
 
@@ -179,14 +197,31 @@ def _cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command != "to-parquet":
+        raise ConfigError("raydist data: give an action, e.g. `raydist data to-parquet SRC DST`")
+    from raydist.data import DataError, folder_to_parquet
+    from raydist.data.parquet import DEFAULT_SHARD_SIZE
+
+    try:
+        written = folder_to_parquet(args.src, args.dst, split=args.split,
+                                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, resize=args.resize,
+                                    num_workers=args.workers, val_size=args.val_size,
+                                    val_per_class=args.val_per_class, overwrite=args.overwrite)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    print("written: " + ", ".join(f"{split} {n} images" for split, n in written.items()) + f" -> {args.dst}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "check": _cmd_check,
-               "models": _cmd_models}[args.command]
+    handler = {"train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval,
+               "check": _cmd_check, "models": _cmd_models, "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -88,6 +88,23 @@ def _methods() -> list[str]:
 
 EVAL_ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50")
 
+
+def _attacks() -> list[str]:
+    from raydist.attacks import ATTACKS
+
+    return list(ATTACKS)
+
+
+def _attack_name_ok(value: str) -> bool:
+    from raydist.attacks import get_attack
+
+    try:
+        get_attack(value)
+    except ValueError:
+        return False
+    return True
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "run": {
         "name": Field("str", None, nullable=True, help="run name; default: the job file's name"),
@@ -117,6 +134,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "channels": Field("int", 3, min=1, help="synthetic (digits: 1 or 3)"),
         "train_size": Field("int", 2048, min=1, help="synthetic only"),
         "test_size": Field("int", 512, min=1, help="synthetic only"),
+        "stream": Field("bool", False,
+                        help="imagenet, tiny_imagenet: stream a parquet copy through Ray Data into the workers "
+                             "(random resized crop + flip) instead of holding the decoded set in memory"),
     },
     "model": {
         "name": Field("str", "resnet18", choices=_models, accept=_timm_name,
@@ -125,6 +145,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
                             help="swapped into every layer; parameters as in elu(alpha=0.5)"),
         "width": Field("int", None, nullable=True, min=1,
                        help="resnet18/preact_resnet18: base channels (64 in the papers); wide_resnet: widening factor"),
+        "smooth_backward": Field("str", "none", choices=("none", "attacker", "optimizer", "both"),
+                                 help="SAT's controlled experiment, with activation relu_smoothgrad: where the "
+                                      "smooth backward is used (attack gradients, weight update, both, neither)"),
+        "pretrained_path": Field("str", None, nullable=True,
+                                 help="local weights (state dict or raydist checkpoint) to start from"),
     },
     "method": {
         "name": Field("str", "fgsm_sdi", choices=_methods, help="training method"),
@@ -169,8 +194,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "eval": {
         "val_steps": Field("int", 10, min=1, help="PGD steps of the per-epoch validation attack"),
-        "test_attacks": Field("str_list", list(EVAL_ATTACKS), choices=EVAL_ATTACKS,
-                              help="run on best and last at the end (PGD: step eps/4, random start)"),
+        "test_attacks": Field("str_list", list(EVAL_ATTACKS), choices=_attacks, accept=_attack_name_ok,
+                              help="run on best and last at the end (PGD: step eps/4, random start; pgdN, cwN "
+                                   "for N steps; the strong ones at their papers' budgets)"),
         "test_samples": Field("int", None, nullable=True, min=1, help="cap on test images (default: all)"),
         "select": Field("str", "robust", choices=("robust", "clean"),
                         help="best.pt is the epoch with the highest validation PGD (robust) or clean accuracy"),
@@ -337,7 +363,26 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
     if not cfg["scaling"]["use_gpu"] and cfg["run"]["precision"] == "bf16":
         pass  # bf16 on CPU is allowed (autocast cpu); slow but legal
     _check_data(cfg["data"])
+    _check_model(cfg)
     return cfg
+
+
+def _check_model(cfg: dict[str, Any]) -> None:
+    model = cfg["model"]
+    if model["smooth_backward"] != "none":
+        from raydist.models.activations import parse_activation
+
+        if parse_activation(model["activation"])[0] != "relu_smoothgrad":
+            raise ConfigError(f"model.smooth_backward: {model['smooth_backward']!r} needs model.activation "
+                              f"relu_smoothgrad (ReLU forward, smooth backward), not {model['activation']!r}")
+        if cfg["method"]["name"] == "free_at" and model["smooth_backward"] != "both":
+            raise ConfigError("model.smooth_backward: free_at takes attack and weight gradients from one backward "
+                              "pass, so only 'none' or 'both' apply")
+    if model["pretrained_path"] is not None:
+        path = Path(os.path.expanduser(model["pretrained_path"]))
+        if not path.is_file():
+            raise ConfigError(f"model.pretrained_path: file not found: {path}")
+        model["pretrained_path"] = str(path)
 
 
 def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> None:
@@ -373,6 +418,19 @@ def _check_data(data: dict[str, Any]) -> None:
         check_dataset(data["dataset"], data["root"], data["download"])
     except DataError as err:
         raise ConfigError(f"data.root: {err}") from None
+    if data["stream"]:
+        from raydist.data import IMAGE_DATASETS
+        from raydist.data.common import default_root
+        from raydist.data.imagenet import locate_image_dataset
+        from raydist.data.parquet import is_parquet_dataset
+
+        if data["dataset"] not in IMAGE_DATASETS:
+            raise ConfigError(f"data.stream: only for {', '.join(IMAGE_DATASETS)}; {data['dataset']} is held in "
+                              "memory on the device")
+        path = locate_image_dataset(data["dataset"], default_root(data["root"]))
+        if not is_parquet_dataset(path):
+            raise ConfigError(f"data.stream: {path} holds class folders; convert them once with "
+                              f"`raydist data to-parquet {path} DST` and set data.root to DST")
 
 
 def method_params(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -331,11 +331,17 @@ def test_parquet_loader_train_shuffles_and_augments(converted):
 # ------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_names_and_in_memory_tiny(tmp_path, tiny_root, converted):
+def test_registry_names_and_in_memory_tiny(tmp_path, tiny_root, converted, monkeypatch):
     assert {"imagenet", "tiny_imagenet"} <= set(DATASETS) and {"digits", "cifar10"} <= set(DATASETS)
     assert "imagenet" in _one_line_error(check_dataset, "imagenet-42", None, False)
-    msg = _one_line_error(load_dataset, "imagenet", root=converted)
+    small = load_dataset("imagenet", root=converted, image_size=16)  # a small ImageNet-format set fits in memory
+    assert small.num_classes == 10 and small.input_size == (3, 16, 16)
+    import raydist.data.imagenet as imagenet_module
+
+    monkeypatch.setattr(imagenet_module, "MAX_IN_MEMORY_BYTES", 1000)
+    msg = _one_line_error(load_dataset, "imagenet", root=converted, image_size=16)
     assert "to-parquet" in msg and "stream" in msg
+    monkeypatch.undo()
     d = load_dataset("tiny_imagenet", root=tiny_root.parent, image_size=16, val_size=10)
     assert d.name == "tiny_imagenet" and d.num_classes == 10 and d.input_size == (3, 16, 16)
     assert d.sizes() == {"train": 50, "val": 10, "test": 20} and d.train_x.dtype == torch.uint8

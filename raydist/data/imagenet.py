@@ -8,8 +8,9 @@ be unpacked by hand.
 - ``tiny_imagenet`` (110k images of 64x64) fits in memory: ``load_image_dataset`` decodes it into uint8
   DatasetSplits (resize short side to ``image_size`` + center crop), so it trains with the fast DeviceLoader
   like CIFAR;
-- ``imagenet`` does not (150+ GB decoded): loading it raises DataError; stream it instead with
-  ``streaming.image_dataset`` (Ray Data) or ``parquet.ParquetLoader`` (in-process).
+- ``imagenet`` does not (150+ GB decoded): loading it raises DataError unless the folder is small (a subset, the
+  tests' data); stream it instead with ``streaming.image_dataset`` (Ray Data, ``data.stream: true`` in a job) or
+  ``parquet.ParquetLoader`` (in-process).
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from raydist.data.parquet import describe_parquet, is_parquet_dataset, parquet_f
 from raydist.data.transforms import ImageTransform, decode_batch
 
 FOLDERS: dict[str, str] = {"imagenet": "imagenet", "tiny_imagenet": "tiny-imagenet-200"}
-IN_MEMORY: frozenset[str] = frozenset({"tiny_imagenet"})
-MAX_IN_MEMORY_BYTES = 16 * 1024**3
+MAX_IN_MEMORY_BYTES = 16 * 1024**3  # decoded uint8; larger sets are streamed (data.stream)
 STREAM_HINT = ("convert it once with folder_to_parquet (`raydist data to-parquet SRC DST`) and stream it with "
                "raydist.data.streaming.image_dataset / raydist.data.parquet.ParquetLoader")
 
@@ -77,14 +77,13 @@ def load_image_dataset(
     split_seed: int = 0,
     num_threads: int | None = None,
 ) -> DatasetSplits:
-    """Decode a small class-folder dataset (tiny_imagenet) fully into uint8 CPU DatasetSplits.
+    """Decode a class-folder dataset that fits in memory (tiny_imagenet, a small ImageNet-format set) fully into
+    uint8 CPU DatasetSplits; one larger than MAX_IN_MEMORY_BYTES decoded raises DataError (stream it instead).
 
     From class folders: ``val_size`` held out of train (default 10 per class), stratified by ``split_seed``;
     from a parquet copy the splits were fixed at conversion, so ``val_size`` must be None or match them.
     Images are resized (short side) to ``image_size`` and center-cropped square; test is the official val.
     """
-    if name not in IN_MEMORY:
-        raise DataError(f"{name} is too large to load into memory; {STREAM_HINT}")
     path = check_image_dataset(name, root)
     transform = ImageTransform(image_size, train=False, crop_fraction=1.0)
     threads = min(8, os.cpu_count() or 1) if num_threads is None else max(1, num_threads)

@@ -111,6 +111,25 @@ def check_resources(cfg: dict[str, Any]) -> None:
                                 f"need {need_gpu:g} GPUs, this Ray cluster has {total.get('GPU', 0):g}")
 
 
+def streamed_datasets(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """With data.stream: lazy Ray Datasets of the parquet copy's train / val / test splits (decoded and augmented
+    by Ray Data tasks, re-run every epoch); Ray Train hands each worker an equal, disjoint share of each."""
+    data = cfg["data"]
+    if not data["stream"]:
+        return None
+    from raydist.data import image_dataset
+    from raydist.data.common import default_root
+    from raydist.data.imagenet import locate_image_dataset
+
+    path = locate_image_dataset(data["dataset"], default_root(data["root"]))
+    size = data["image_size"]
+    test = image_dataset(path, "test", image_size=size)
+    if cfg["eval"]["test_samples"] is not None:
+        test = test.limit(cfg["eval"]["test_samples"])
+    return {"train": image_dataset(path, "train", image_size=size, flip=data["flip"]),
+            "val": image_dataset(path, "val", image_size=size), "test": test}
+
+
 def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
     """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -123,6 +142,7 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
     run_dir = run_dir_of(cfg)
     return TorchTrainer(
         train_loop_per_worker,
+        datasets=streamed_datasets(cfg),
         train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),

@@ -117,6 +117,54 @@ def _quiet_ray_train() -> None:
         pass
 
 
+def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Loaders for train / val / test and what the model needs to know of the data.
+
+    In memory (default): the dataset's uint8 splits on the device, this worker's disjoint shard each epoch
+    (DeviceLoader). Streamed (data.stream): this worker's share of the Ray Datasets the driver passed to the
+    trainer, decoded and augmented by Ray Data (random resized crop + flip for train, resize + center crop else).
+    """
+    data, ecfg = job["data"], job["eval"]
+    if data["stream"]:
+        from raydist.data import IMAGENET_MEAN, IMAGENET_STD, StreamingLoader, describe_parquet, shard_rows
+        from raydist.data.common import default_root
+        from raydist.data.imagenet import locate_image_dataset
+
+        info = describe_parquet(locate_image_dataset(data["dataset"], default_root(data["root"])))
+        world = common["world_size"]
+        n_test = info.counts["test"] if ecfg["test_samples"] is None else min(ecfg["test_samples"],
+                                                                               info.counts["test"])
+        kw = {"device": common["device"], "channels_last": common["channels_last"]}
+
+        def stream(split: str, batch: int, rows: int, **extra: Any) -> StreamingLoader:
+            return StreamingLoader(ray.train.get_dataset_shard(split), batch_size=batch,
+                                   num_rows=shard_rows(rows, world), **kw, **extra)
+
+        return {
+            "num_classes": len(info.classes), "input_size": (3, data["image_size"], data["image_size"]),
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "train": stream("train", data["batch_size"], info.counts["train"], local_shuffle_buffer_size=
+                            4 * data["batch_size"]),
+            "val": stream("val", data["eval_batch_size"], info.counts["val"]),
+            "test": stream("test", data["eval_batch_size"], n_test),
+        }
+    splits = load_dataset(
+        data["dataset"], root=data["root"], download=data["download"], val_size=data["val_size"],
+        image_size=data["image_size"], num_classes=data["num_classes"], channels=data["channels"],
+        train_size=data["train_size"], test_size=data["test_size"],
+    )
+    augment = {"crop": data["crop"], "flip": data["flip"]}
+    n_test = len(splits.test_y) if ecfg["test_samples"] is None else min(ecfg["test_samples"], len(splits.test_y))
+    return {
+        "num_classes": splits.num_classes, "input_size": splits.input_size, "mean": splits.mean, "std": splits.std,
+        "train": DeviceLoader(splits.train_x, splits.train_y, batch_size=data["batch_size"], shuffle=True,
+                              augment=augment, seed=seed, **common),
+        "val": DeviceLoader(splits.val_x, splits.val_y, batch_size=data["eval_batch_size"], shuffle=False, **common),
+        "test": DeviceLoader(splits.test_x[:n_test], splits.test_y[:n_test], batch_size=data["eval_batch_size"],
+                             shuffle=False, **common),
+    }
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None,
     "final_test": bool (default true)}."""
@@ -133,17 +181,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = run["seed"]
     eps = job["method"]["epsilon"]
 
-    splits = load_dataset(
-        data["dataset"], root=data["root"], download=data["download"], val_size=data["val_size"],
-        image_size=data["image_size"], num_classes=data["num_classes"], channels=data["channels"],
-        train_size=data["train_size"], test_size=data["test_size"],
-    )
+    common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
+    feed = _data_feed(job, common, seed)
     extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
     torch.manual_seed(seed)  # identical initial weights on every worker
-    model = create_model(mcfg["name"], num_classes=splits.num_classes, activation=mcfg["activation"],
-                         in_channels=splits.input_size[0], mean=splits.mean, std=splits.std, **extra)
-    spec = model_spec_for(mcfg["name"], splits.num_classes, mcfg["activation"], splits.input_size[0],
-                          list(splits.input_size), list(splits.mean), list(splits.std), **extra)
+    model = create_model(mcfg["name"], num_classes=feed["num_classes"], activation=mcfg["activation"],
+                         in_channels=feed["input_size"][0], mean=feed["mean"], std=feed["std"],
+                         pretrained_path=mcfg["pretrained_path"], **extra)
+    spec = model_spec_for(mcfg["name"], feed["num_classes"], mcfg["activation"], feed["input_size"][0],
+                          list(feed["input_size"]), list(feed["mean"]), list(feed["std"]), **extra)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -156,16 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 momentum=ocfg["momentum"], nesterov=ocfg["nesterov"])
     autocast = _autocast(device, run["precision"])
     method = create_method(job["method"]["name"], model, optimizer, epsilon=eps, autocast=autocast,
-                           label_smoothing=job["method"]["label_smoothing"], **method_params(job))
-
-    augment = {"crop": data["crop"], "flip": data["flip"]}
-    common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
-    train_loader = DeviceLoader(splits.train_x, splits.train_y, batch_size=data["batch_size"], shuffle=True,
-                                augment=augment, seed=seed, **common)
-    val_loader = DeviceLoader(splits.val_x, splits.val_y, batch_size=data["eval_batch_size"], shuffle=False, **common)
-    n_test = len(splits.test_y) if ecfg["test_samples"] is None else min(ecfg["test_samples"], len(splits.test_y))
-    test_loader = DeviceLoader(splits.test_x[:n_test], splits.test_y[:n_test], batch_size=data["eval_batch_size"],
-                               shuffle=False, **common)
+                           label_smoothing=job["method"]["label_smoothing"], smooth_backward=mcfg["smooth_backward"],
+                           **method_params(job))
+    train_loader, val_loader, test_loader = feed["train"], feed["val"], feed["test"]
 
     # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs
     updates_per_step = getattr(method, "updates_per_step", 1)
