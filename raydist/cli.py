@@ -23,6 +23,8 @@ EPILOG = """examples:
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
   raydist data to-parquet ~/imagenet ~/imagenet-parquet   # class folders -> sharded parquet for streaming
+  raydist submit jobs/x.yaml --address http://HEAD:8265 --follow  # run it on a Ray cluster (Ray Jobs API)
+  raydist jobs list|status ID|logs ID|stop ID             # submitted jobs (address from RAY_ADDRESS)
 """
 
 
@@ -84,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
 
     sub.add_parser("models", help="list the model names create_model and job files accept")
+    sm = sub.add_parser("submit", help="run a job, sweep or compare file on a Ray cluster (Ray Jobs API)",
+                        description="Validate FILE here, then submit `raydist train|tune|compare FILE` to the "
+                                    "cluster with this project as the job's working directory (runs, data, .venv "
+                                    "and checkpoints are not uploaded). run.output_dir must be storage the "
+                                    "cluster's nodes see (an absolute path or a URI).")
+    job_args(sm)
+    sm.add_argument("--address", default=None,
+                    help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    sm.add_argument("--follow", action="store_true", help="stream the job's log and exit with its outcome")
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
+    jb.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jb.add_argument("id", nargs="?", help="submission id (from `raydist submit` or `raydist jobs list`)")
+    jb.add_argument("--address", default=None, help="http://HEAD:8265 (default: $RAY_ADDRESS)")
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     d = sub.add_parser("data", help="dataset tools: convert class folders to sharded parquet")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     tp = dsub.add_parser("to-parquet", help="class folders (ImageNet / Tiny ImageNet layout) -> sharded parquet",
@@ -197,6 +213,18 @@ def _cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from raydist.submit import submit
+
+    return submit(args.job, args.overrides, args.address, args.follow)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from raydist.submit import jobs_command
+
+    return jobs_command(args.action, args.id, args.address, follow=args.follow)
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command != "to-parquet":
         raise ConfigError("raydist data: give an action, e.g. `raydist data to-parquet SRC DST`")
@@ -221,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval,
-               "check": _cmd_check, "models": _cmd_models, "data": _cmd_data}[args.command]
+               "check": _cmd_check, "models": _cmd_models, "data": _cmd_data, "submit": _cmd_submit,
+               "jobs": _cmd_jobs}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -7,6 +7,7 @@ one line naming the key (or path) at fault; the CLI prints it and exits with cod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import math
@@ -362,7 +363,8 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
     if not cfg["scaling"]["use_gpu"] and cfg["run"]["precision"] == "bf16":
         pass  # bf16 on CPU is allowed (autocast cpu); slow but legal
-    _check_data(cfg["data"])
+    if _CHECK_FILES:
+        _check_data(cfg["data"])
     _check_model(cfg)
     return cfg
 
@@ -378,7 +380,7 @@ def _check_model(cfg: dict[str, Any]) -> None:
         if cfg["method"]["name"] == "free_at" and model["smooth_backward"] != "both":
             raise ConfigError("model.smooth_backward: free_at takes attack and weight gradients from one backward "
                               "pass, so only 'none' or 'both' apply")
-    if model["pretrained_path"] is not None:
+    if model["pretrained_path"] is not None and _CHECK_FILES:
         path = Path(os.path.expanduser(model["pretrained_path"]))
         if not path.is_file():
             raise ConfigError(f"model.pretrained_path: file not found: {path}")
@@ -407,6 +409,21 @@ def _settle_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> N
     for key, default in params.items():
         if key not in raw_method:
             method[key] = default
+
+
+_CHECK_FILES = True
+
+
+@contextlib.contextmanager
+def files_elsewhere():
+    """Validate jobs whose data and weights live on another machine (``raydist submit``): every key and value is
+    checked as usual, but not that data.root or model.pretrained_path exist here."""
+    global _CHECK_FILES
+    previous, _CHECK_FILES = _CHECK_FILES, False
+    try:
+        yield
+    finally:
+        _CHECK_FILES = previous
 
 
 def _check_data(data: dict[str, Any]) -> None:

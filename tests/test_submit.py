@@ -1,0 +1,145 @@
+"""`raydist submit` / `raydist jobs` against a real Ray head started with `ray start --head` (dashboard on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from raydist.cli import main
+from raydist.submit import EXCLUDES, PROJECT, build_submission
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "jobs/digits_fgsm_sdi.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = str(tmp_path / "runs")
+    sub = build_submission(str(ROOT / JOB), [f"run.output_dir={out}", "method.k=3"])
+    assert sub["entrypoint"] == f"python -m raydist.cli train {JOB} --set run.output_dir={out} --set method.k=3"
+    assert sub["runtime_env"]["working_dir"] == str(PROJECT) and "/.venv" in EXCLUDES and "/data" in EXCLUDES
+    assert sub["submission_id"].startswith("raydist-train-digits_fgsm_sdi-")
+    assert build_submission(str(ROOT / "jobs/tune_digits.yaml"), [f"run.output_dir={out}"])["kind"] == "tune"
+
+    cases = [
+        ([JOB], "run.output_dir"),  # relative: would land in the job's temporary working directory
+        ([JOB, "--set", f"run.output_dir={out}", "--set", "method.kk=1"], "method.kk"),
+        (["jobs/nope.yaml", "--set", f"run.output_dir={out}"], "nope.yaml"),
+        ([JOB, "--set", f"run.output_dir={out}"], "RAY_ADDRESS"),  # no address anywhere
+        ([JOB, "--set", f"run.output_dir={out}", "--address", f"http://127.0.0.1:{_free_port()}"], "cannot reach"),
+    ]
+    for args, named in cases:
+        assert main(["submit", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err, err
+    # data that lives only on the cluster is not looked for here
+    remote = build_submission(str(ROOT / JOB), [f"run.output_dir={out}", "data.dataset=imagenet",
+                                                "data.root=/mnt/cluster-only/imagenet", "data.stream=true"])
+    assert "data.root=/mnt/cluster-only/imagenet" in remote["entrypoint"]
+    outside = tmp_path / "job.yaml"
+    outside.write_text((ROOT / JOB).read_text())
+    assert main(["submit", str(outside), "--set", f"run.output_dir={out}", "--address", "http://x:8265"]) == 2
+    assert "outside the project" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real single-node Ray cluster in its own processes (`ray start --head --block`), stopped afterwards
+    without touching the test session's own Ray instance."""
+    port, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv's
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp}", "--block", "--disable-usage-stats",
+         # its own agent ports: another Ray (the test session's, a user's) may hold the defaults on this host
+         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port",
+                                                   "node-manager-port", "object-manager-port"))],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering (401 under Ray's token authentication): it is up
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("the Ray head did not come up")
+            time.sleep(1)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_follow_runs_the_job_on_the_cluster(tmp_path, ray_head, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)  # the address comes from the environment too
+    out = tmp_path / "runs"
+    sets = [f"run.output_dir={out}", "optim.epochs=1", "scaling.cpus_per_worker=1", "eval.test_samples=32",
+            "eval.test_attacks=clean,pgd3", "eval.val_steps=2"]
+    args = ["submit", JOB, "--follow"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    job_id = printed.split("submitted ", 1)[1].split()[0]
+    assert "epoch 1/1" in printed and f"job {job_id} SUCCEEDED" in printed
+    summary = json.loads((out / "digits_fgsm_sdi" / "summary.json").read_text())
+    assert summary["method"] == "fgsm_sdi" and summary["n_test"] == 32
+
+    assert main(["jobs", "status", job_id]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "list"]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id]) == 0
+    assert "epoch 1/1" in capsys.readouterr().out
+    assert main(["jobs", "status", "raydist-no-such-job"]) == 2
+    assert "raydist-no-such-job" in capsys.readouterr().err
+
+    # the uploaded working directory is complete: the package imports from it (not from this checkout)
+    from ray.job_submission import JobSubmissionClient
+
+    sub = build_submission(JOB, [f"run.output_dir={out}"])
+    client = JobSubmissionClient(ray_head)
+    probe = client.submit_job(entrypoint='python -c "import raydist.data, raydist.attacks; print(raydist.__file__)"',
+                              runtime_env=sub["runtime_env"])
+    deadline = time.time() + 120
+    while str(client.get_job_status(probe)).split(".")[-1] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    logs = client.get_job_logs(probe)
+    assert str(client.get_job_status(probe)).endswith("SUCCEEDED"), logs
+    assert "runtime_resources" in logs and str(PROJECT) not in logs
+
+    # a job that fails on the cluster: --follow exits 1 with its status
+    assert main(["submit", JOB, "--follow", "--set", f"run.output_dir={out}"]) == 1  # the run directory exists
+    assert "FAILED" in capsys.readouterr().out
