@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch and torchvision come from this machine's local wheels; any torch >= 2.4 works (pyproject has no exact pin)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo demo-standard test lint clean
+.PHONY: install demo demo-standard test lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ demo-standard: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Evaluation throughput (images/s per attack with 1, 2, 4 actors): on a GPU the H100 reference setting, on CPU a
+# small model. Writes bench/results/eval_throughput.json.
+bench: install
+	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  $(BIN)/python bench/eval_throughput.py --synthetic --width 64 --samples 8192 --gpu --actors 1,2,4; \
+	else \
+	  $(BIN)/python bench/eval_throughput.py --synthetic --width 16 --samples 256 --actors 1,2; \
+	fi
 
 lint: install
 	$(BIN)/ruff check raydist tests
