@@ -19,6 +19,7 @@ EPILOG = """examples:
   raydist train jobs/cifar10_fgsm_sdi.yaml --set method.k=10 --set optim.lr=0.05
   raydist train jobs/digits_fgsm_sdi.yaml --resume        # continue an interrupted run
   raydist tune jobs/tune_digits.yaml                      # Ray Tune + Optuna sweep, ASHA early stopping
+  raydist compare jobs/compare_digits.yaml                # PGD-AT, FGSM-RS, ..., FGSM-SDI in the papers' table
   raydist eval runs/x/best.pt --attacks clean,pgd20,aa     # robust accuracy on a pool of Ray actors
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
@@ -62,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a key of the base job (repeatable)")
     tu.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
     tu.add_argument("--overwrite", action="store_true", help="delete an existing sweep directory and start again")
+
+    co = sub.add_parser("compare", help="train several methods under one protocol and tabulate them as the papers do",
+                        description="Train each method of a compare file as its own Ray Train run (concurrently "
+                                    "where the cluster fits them), evaluate best and last checkpoints on Ray "
+                                    "evaluation actors, and write OUTPUT_DIR/NAME/: compare.md, compare.json, "
+                                    "val_pgd.png, runs/, eval/. Finished runs with an unchanged config are reused.")
+    co.add_argument("compare", help="compare file (YAML), e.g. jobs/compare_digits.yaml")
+    co.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a job key of every method's run, e.g. --set optim.epochs=5 (repeatable)")
+    co.add_argument("--resume", action="store_true", help="continue interrupted runs from their last.pt")
+    co.add_argument("--overwrite", action="store_true",
+                    help="train again runs whose config changed (and interrupted ones), evaluate again evaluations "
+                         "whose settings changed; unchanged finished runs are still reused")
+    co.add_argument("--workers", type=int, default=None, help="evaluation actors (default: the file's eval.workers)")
 
     ev = sub.add_parser("eval", help="robust accuracy of checkpoints under attacks, on a pool of Ray actors",
                         description="Split the test set into shards and attack them on Ray evaluation actors. Writes "
@@ -151,6 +166,24 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise
     except Exception as err:  # noqa: BLE001 - one line, exit 1
         print(f"raydist: sweep failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from raydist.compare.spec import load_compare
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    spec = load_compare(args.compare, args.overrides)
+    from raydist.compare.runner import run_compare
+
+    try:
+        run_compare(spec, overwrite=args.overwrite, resume=args.resume, workers=args.workers)
+    except C.ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line, exit 1
+        print(f"raydist: compare failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
         return 1
     return 0
 
@@ -248,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval,
+    handler = {"train": _cmd_train, "tune": _cmd_tune, "compare": _cmd_compare, "eval": _cmd_eval,
                "check": _cmd_check, "models": _cmd_models, "data": _cmd_data, "submit": _cmd_submit,
                "jobs": _cmd_jobs}[args.command]
     try:
