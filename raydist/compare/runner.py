@@ -345,7 +345,8 @@ def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: i
     Per budget group, the runs without a matching record are evaluated together in one `run_evaluation` (one pool
     of actors, shards of all checkpoints interleaved) in eval/batches/<group>-<hash>/, which an interrupted
     comparison resumes shard by shard; each run's rows are then kept as eval/<run>/<group>.json, so a run that is
-    reused later is not evaluated again, and a run added later is evaluated alone.
+    reused later is not evaluated again, and a run added later is evaluated alone. Where best.pt is the last epoch,
+    the weights are the same and are evaluated once.
     """
     from raydist.evaluate.runner import run_evaluation
 
@@ -355,18 +356,29 @@ def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: i
                           for which, name in (("best", BEST), ("last", LAST))} for r in runs}
     for tag, attacks, kwargs in eval_groups(ev):
         todo: dict[str, list[dict[str, Any]]] = {}
+        reused = []
         for r in runs:
             path = _record_path(spec, r, tag)
             key = _eval_key(ev, run_dir_of(r["job"]), kwargs)
             rec = json.loads(path.read_text()) if path.is_file() else None
             if rec is not None and rec["key"] == key and set(attacks) <= set(rec["attacks"]):
-                print(f"raydist: reusing the evaluation of {r['label']} under {', '.join(attacks)} ({path})",
-                      flush=True)
+                reused.append(r["label"])
                 _merge(merged[r["slug"]], rec["rows"], attacks)
             else:  # checkpoints of one data section go together (`raydist eval` checks that they match)
                 todo.setdefault(json.dumps(r["job"]["data"], sort_keys=True), []).append(r)
+        if reused:
+            print(f"raydist: reusing the evaluation of {', '.join(reused)} under {', '.join(attacks)} "
+                  f"({Path(spec['dir']) / EVAL_DIR}/<run>/{tag}.json)", flush=True)
         for group in todo.values():
-            ckpts = [str(run_dir_of(r["job"]) / name) for r in group for name in (BEST, LAST)]
+            ckpts, where = [], []  # where[i]: the indices of run i's best and last in ckpts
+            for r in group:
+                best, last = (str(run_dir_of(r["job"]) / name) for name in (BEST, LAST))
+                if _checkpoint_epoch(best) == _checkpoint_epoch(last):  # the same weights: evaluated once
+                    ckpts.append(last)
+                    where.append((len(ckpts) - 1, len(ckpts) - 1))
+                else:
+                    ckpts += [best, last]
+                    where.append((len(ckpts) - 2, len(ckpts) - 1))
             batch_key = {"settings": _eval_settings(ev, kwargs),
                          "checkpoints": [[c, _fingerprint(Path(c))] for c in ckpts]}
             digest = hashlib.sha1(json.dumps(batch_key, sort_keys=True).encode()).hexdigest()[:10]
@@ -382,7 +394,7 @@ def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: i
                                      seed=ev["seed"], resume=resume, overwrite=out.exists() and not resume,
                                      attack_kwargs=kwargs or None)
             for i, r in enumerate(group):
-                rows = {"best": rep["rows"][2 * i], "last": rep["rows"][2 * i + 1]}
+                rows = {"best": rep["rows"][where[i][0]], "last": rep["rows"][where[i][1]]}
                 path = _record_path(spec, r, tag)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 artifacts.write_json(path, {"key": _eval_key(ev, run_dir_of(r["job"]), kwargs), "attacks": attacks,
@@ -402,6 +414,19 @@ def _merge(into: dict[str, Any], rows: dict[str, Any], attacks: list[str]) -> No
         m["flags"] += [f for f in row["flags"] if f not in m["flags"]]
 
 
+def _keep_times_of_reused(spec: dict[str, Any], records: dict[str, dict[str, Any]]) -> None:
+    """A reused run keeps the start and finish times the comparison that trained it recorded."""
+    path = Path(spec["dir"]) / report.JSON
+    try:
+        before = {r["run_dir"]: r for r in json.loads(path.read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for r in spec["runs"]:
+        rec, old = records[r["slug"]], before.get(str(run_dir_of(r["job"])))
+        if rec["action"] == "reuse" and old and old.get("error") is None:
+            rec["started_at"], rec["finished_at"] = old.get("started_at"), old.get("finished_at")
+
+
 # -- the whole comparison --------------------------------------------------------------------------------------
 def run_compare(spec: dict[str, Any], *, overwrite: bool = False, resume: bool = False,
                 workers: int | None = None) -> dict[str, Any]:
@@ -416,6 +441,7 @@ def run_compare(spec: dict[str, Any], *, overwrite: bool = False, resume: bool =
           f"{spec['runs'][0]['job']['data']['dataset']} at eps = {_frac(spec['eval']['eps'])}; directory {d}",
           flush=True)
     records = train_all(spec, actions, spec["max_concurrent"])
+    _keep_times_of_reused(spec, records)
     trained = [r for r in spec["runs"] if records[r["slug"]]["error"] is None]
     evaluated = evaluate_all(spec, trained, workers=workers) if trained else {}
     results = []
