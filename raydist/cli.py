@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from raydist import __version__
 from raydist import config as C
@@ -135,23 +136,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _failure_exits_1(what: str, work: Callable[[], Any], *, root_cause: bool = False) -> int:
+    """Run ``work``; a ConfigError goes on to main (exit 2), any other failure is one line and exit 1
+    (``root_cause``: name the innermost ``__cause__``, e.g. the worker's error under Ray Train's wrapper)."""
+    try:
+        work()
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - report any failure in one line, exit 1
+        while root_cause and err.__cause__ is not None:
+            err = err.__cause__
+        print(f"raydist: {what} failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from raydist.config import load_job
 
     cfg = load_job(args.job, args.overrides)
     from raydist.train.driver import run_training
 
-    try:
-        run_training(cfg, overwrite=args.overwrite, resume=args.resume)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - report any training failure in one line, exit 1
-        cause = err
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        print(f"raydist: training failed: {type(cause).__name__}: {cause}".splitlines()[0], file=sys.stderr)
-        return 1
-    return 0
+    return _failure_exits_1("training", lambda: run_training(cfg, overwrite=args.overwrite, resume=args.resume),
+                            root_cause=True)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -160,14 +167,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, args.overrides)
     from raydist.tune.runner import run_sweep
 
-    try:
-        run_sweep(sweep, overwrite=args.overwrite, resume=args.resume)
-    except C.ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - one line, exit 1
-        print(f"raydist: sweep failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
-        return 1
-    return 0
+    return _failure_exits_1("sweep", lambda: run_sweep(sweep, overwrite=args.overwrite, resume=args.resume))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -178,14 +178,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     spec = load_compare(args.compare, args.overrides)
     from raydist.compare.runner import run_compare
 
-    try:
-        run_compare(spec, overwrite=args.overwrite, resume=args.resume, workers=args.workers)
-    except C.ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - one line, exit 1
-        print(f"raydist: compare failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
-        return 1
-    return 0
+    return _failure_exits_1("compare", lambda: run_compare(spec, overwrite=args.overwrite, resume=args.resume,
+                                                           workers=args.workers))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -213,18 +207,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoints[0]).resolve().parent / "eval"
     from raydist.evaluate.runner import run_evaluation
 
-    try:
-        run_evaluation(args.checkpoints, attacks, eps, out, workers=args.workers,
-                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                       shard_size=args.shard_size, batch_size=args.batch_size, samples=args.samples,
-                       seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
-                       data_root=args.data_root)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - one line, exit 1
-        print(f"raydist: evaluation failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
-        return 1
-    return 0
+    return _failure_exits_1("evaluation", lambda: run_evaluation(
+        args.checkpoints, attacks, eps, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, batch_size=args.batch_size,
+        samples=args.samples, seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
+        data_root=args.data_root))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -458,19 +458,31 @@ def method_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in METHOD_PARAMS[m["name"]] if k in m}
 
 
+def read_yaml(path: Path, what: str = "") -> Any:
+    """The YAML content of ``path``; a syntax error is one ConfigError line naming the file and the line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what}{path}:{where}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None
+
+
+def mapping(value: Any, key: str) -> dict[str, Any]:
+    """``value`` as a mapping (None: empty), or a ConfigError naming ``key``; for sweep and compare files."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+    return value
+
+
 def load_job(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """Read, override and validate a job file. Raises ConfigError with one line on any mistake."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"job file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}:{where}: {problem}") from None
-    raw = apply_overrides(raw or {}, overrides)
+    raw = apply_overrides(read_yaml(p) or {}, overrides)
     return validate(raw, name_hint=p.stem)
 
 

@@ -101,10 +101,7 @@ def _output_dir(kind: str, path: Path, overrides: list[str]) -> str:
         return load_sweep(path, overrides)["run"]["output_dir"]
     from raydist.compare.spec import load_compare
 
-    raw = yaml.safe_load(path.read_text()) or {}
-    load_compare(path, overrides)
-    run = raw.get("run") or {}
-    return run.get("output_dir") or C.load_job((path.parent / str(raw["base"])), overrides)["run"]["output_dir"]
+    return load_compare(path, overrides)["run"]["output_dir"]  # as written, or the base job's
 
 
 def build_submission(path: str, overrides: list[str]) -> dict[str, Any]:

@@ -181,3 +181,21 @@ def test_resolved_config_is_itself_a_valid_job(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(C.dump(cfg))
     assert C.load_job(again) == cfg
+
+
+def test_a_failure_after_validation_is_one_line_and_exit_1(capsys):
+    from raydist.cli import _failure_exits_1
+
+    def fails():
+        try:
+            raise FloatingPointError("training loss is nan at epoch 3\nmore")
+        except FloatingPointError as inner:
+            raise RuntimeError("worker group failed") from inner
+
+    assert _failure_exits_1("training", fails, root_cause=True) == 1
+    assert capsys.readouterr().err == "raydist: training failed: FloatingPointError: training loss is nan at epoch 3\n"
+    assert _failure_exits_1("sweep", fails) == 1
+    assert capsys.readouterr().err == "raydist: sweep failed: RuntimeError: worker group failed\n"
+    assert _failure_exits_1("sweep", lambda: None) == 0
+    with pytest.raises(C.ConfigError):
+        _failure_exits_1("sweep", lambda: (_ for _ in ()).throw(C.ConfigError("x")))

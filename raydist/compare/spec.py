@@ -32,8 +32,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raydist import config as C
 
 COMPARE_KEYS = ("base", "overrides", "methods", "eval", "run", "max_concurrent")
@@ -51,17 +49,9 @@ LABELS = {"standard": "Standard", "pgd_at": "PGD-AT", "fgsm_rs": "FGSM-RS", "fgs
 RUN_PLACE_KEYS = ("name", "output_dir", "progress")
 
 
-def _mapping(value: Any, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise C.ConfigError(f"{key}: must be a mapping, got {value!r}")
-    return value
-
-
 def _section(raw: dict[str, Any], name: str, defaults: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(defaults)
-    for key, value in _mapping(raw.get(name), name).items():
+    for key, value in C.mapping(raw.get(name), name).items():
         if key not in out:
             raise C.ConfigError(f"unknown key '{name}.{key}'{C._did_you_mean(str(key), out)}; "
                                 f"keys of {name}: {', '.join(out)}")
@@ -87,7 +77,7 @@ def _number(value: Any, key: str, minimum: float, exclusive: bool = False) -> fl
 def _job_changes(mapping: Any, where: str) -> list[tuple[str, str, Any]]:
     """``{SECTION.KEY: value}`` as (section, key, value), each key checked against the job schema."""
     out = []
-    for path, value in _mapping(mapping, where).items():
+    for path, value in C.mapping(mapping, where).items():
         parts = str(path).split(".")
         if len(parts) != 2 or not all(parts):
             raise C.ConfigError(f"{where}: '{path}' is not a job key (expected SECTION.KEY, e.g. optim.epochs)")
@@ -184,13 +174,13 @@ def _budget_params(attack: str) -> dict[str, inspect.Parameter]:
 
 def _check_budgets(budgets: Any, attacks: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for attack, kwargs in _mapping(budgets, "eval.budgets").items():
+    for attack, kwargs in C.mapping(budgets, "eval.budgets").items():
         where = f"eval.budgets.{attack}"
         if attack not in attacks:
             raise C.ConfigError(f"{where}: '{attack}' is not in eval.attacks ({', '.join(attacks)})")
         params = _budget_params(attack)
         out[attack] = {}
-        for key, value in _mapping(kwargs, where).items():
+        for key, value in C.mapping(kwargs, where).items():
             if key not in params:
                 takes = ", ".join(params) or "nothing"
                 raise C.ConfigError(f"{where}: unknown keyword '{key}'{C._did_you_mean(str(key), params)}; "
@@ -245,15 +235,6 @@ def _check_eval(raw: dict[str, Any], eps: float) -> dict[str, Any]:
     return ev
 
 
-def _read_yaml(path: Path, what: str) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise C.ConfigError(f"{what}{path}:{where}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None
-
-
 def method_job(base_raw: dict[str, Any], entry: dict[str, Any],
                changes: list[tuple[str, str, Any]]) -> dict[str, Any]:
     """The raw job of one entry: the base job with the entry's method section, then ``changes`` and its ``set``."""
@@ -276,7 +257,7 @@ def load_compare(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     p = Path(path)
     if not p.is_file():
         raise C.ConfigError(f"compare file not found: {p}")
-    raw = _mapping(_read_yaml(p, ""), str(p))
+    raw = C.mapping(C.read_yaml(p, ""), str(p))
     for key in raw:
         if key not in COMPARE_KEYS:
             raise C.ConfigError(f"unknown compare key '{key}'{C._did_you_mean(str(key), COMPARE_KEYS)}; "
@@ -286,7 +267,7 @@ def load_compare(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     base_path = (p.parent / str(raw["base"])).resolve()
     if not base_path.is_file():
         raise C.ConfigError(f"base: job file not found: {base_path}")
-    base_raw = _mapping(_read_yaml(base_path, "base: ") or {}, f"base: {base_path}")
+    base_raw = C.mapping(C.read_yaml(base_path, "base: ") or {}, f"base: {base_path}")
     changes = _job_changes(raw.get("overrides"), "overrides") + _cli_changes(overrides)
     C.validate(_apply(base_raw, changes), name_hint=base_path.stem)  # a mistake in the base job is its own
 

@@ -38,14 +38,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _mapping(value: Any, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise C.ConfigError(f"{key}: must be a mapping, got {value!r}")
-    return value
-
-
 def _job_key(path: str, where: str) -> tuple[str, str]:
     parts = str(path).split(".")
     if len(parts) != 2:
@@ -55,7 +47,7 @@ def _job_key(path: str, where: str) -> tuple[str, str]:
 
 
 def _section(raw: dict[str, Any], name: str, sweep_key: str) -> dict[str, Any]:
-    values = _mapping(raw.get(name), sweep_key)
+    values = C.mapping(raw.get(name), sweep_key)
     out = copy.deepcopy(DEFAULTS[name])
     for key, value in values.items():
         if key not in out:
@@ -74,7 +66,7 @@ def _check_int(value: Any, key: str, minimum: int) -> int:
 def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
     where = f"space.{path}"
     section, key = _job_key(path, where)
-    entry = dict(_mapping(entry, where))
+    entry = dict(C.mapping(entry, where))
     kind = entry.get("type")
     if kind not in SPACE_TYPES:
         raise C.ConfigError(f"{where}.type: expected one of {', '.join(SPACE_TYPES)}, got {kind!r}")
@@ -117,7 +109,7 @@ def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
             C.validate(probe)
         except C.ConfigError as err:
             raise C.ConfigError(f"{where}: {value!r} does not make a valid job ({err})") from None
-    when = _mapping(entry.get("when"), f"{where}.when")
+    when = C.mapping(entry.get("when"), f"{where}.when")
     for cond in when:
         _job_key(cond, f"{where}.when")
     entry["when"] = when
@@ -133,7 +125,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise C.ConfigError(f"{p}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
-    raw = _mapping(raw, str(p))
+    raw = C.mapping(raw, str(p))
     for key in raw:
         if key not in SWEEP_KEYS:
             raise C.ConfigError(f"unknown sweep key '{key}'{C._did_you_mean(str(key), SWEEP_KEYS)}; "
@@ -147,7 +139,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         base_raw = yaml.safe_load(base_path.read_text()) or {}
     except yaml.YAMLError:
         raise C.ConfigError(f"base: {base_path} is not valid YAML") from None
-    fixed = _mapping(raw.get("set"), "set")
+    fixed = C.mapping(raw.get("set"), "set")
     for key in fixed:
         _job_key(key, "set")
     base_raw = C.apply_overrides(base_raw, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
@@ -155,7 +147,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base_raw = C.apply_overrides(base_raw, overrides)
     base_cfg = C.validate(base_raw, name_hint=base_path.stem)
 
-    space_raw = _mapping(raw.get("space"), "space")
+    space_raw = C.mapping(raw.get("space"), "space")
     if not space_raw:
         raise C.ConfigError("space: at least one job key to search over is required")
     space = {k: _check_entry(k, v, base_raw) for k, v in space_raw.items()}
