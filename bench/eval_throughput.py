@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = (synthetic_checkpoint(work / "synthetic.pt", args.width, args.samples) if args.synthetic
             else Path(args.checkpoint))
     if not ray.is_initialized():
-        ray.init(logging_level="warning", include_dashboard=False)
+        ray.init(address="local", logging_level="warning", include_dashboard=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     rows = []
     try:

@@ -105,12 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("submit", help="run a job, sweep or compare file on a Ray cluster (Ray Jobs API)",
                         description="Validate FILE here, then submit `raydist train|tune|compare FILE` to the "
                                     "cluster with this project as the job's working directory (runs, data, .venv "
-                                    "and checkpoints are not uploaded). run.output_dir must be storage the "
-                                    "cluster's nodes see (an absolute path or a URI).")
+                                    "and checkpoints are not uploaded). run.output_dir must be an absolute path "
+                                    "every node sees (a shared filesystem); run.storage_path may be a URI.")
     job_args(sm)
     sm.add_argument("--address", default=None,
                     help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
     sm.add_argument("--follow", action="store_true", help="stream the job's log and exit with its outcome")
+    sm.add_argument("--resume", action="store_true", help="pass --resume on: continue the run on the cluster "
+                                                          "(e.g. after a lost head node)")
+    sm.add_argument("--overwrite", action="store_true", help="pass --overwrite on")
     jb = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
     jb.add_argument("action", choices=("list", "status", "logs", "stop"))
     jb.add_argument("id", nargs="?", help="submission id (from `raydist submit` or `raydist jobs list`)")
@@ -234,13 +237,16 @@ def _cmd_models(_: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from raydist.submit import submit
+    from raydist.cluster.submit import submit
 
-    return submit(args.job, args.overrides, args.address, args.follow)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    flags = tuple(f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite)) if on)
+    return submit(args.job, args.overrides, args.address, args.follow, flags)
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from raydist.submit import jobs_command
+    from raydist.cluster.submit import jobs_command
 
     return jobs_command(args.action, args.id, args.address, follow=args.follow)
 

@@ -109,7 +109,12 @@ def _attack_name_ok(value: str) -> bool:
 SCHEMA: dict[str, dict[str, Any]] = {
     "run": {
         "name": Field("str", None, nullable=True, help="run name; default: the job file's name"),
-        "output_dir": Field("str", "runs", help="runs are written to OUTPUT_DIR/NAME"),
+        "output_dir": Field("str", "runs", help="runs are written to OUTPUT_DIR/NAME (a directory on disk; shared by "
+                                                "every node on a multi-node cluster)"),
+        "storage_path": Field("str", None, nullable=True,
+                              help="Ray Train's checkpoint storage that restarted workers resume from: a path, "
+                                   "a shared path or a URI (s3://, gs://, hdfs://, abfs://, file://); default: "
+                                   "OUTPUT_DIR/NAME/ray"),
         "seed": Field("int", 0, min=0, help="initial weights, data order and attack starts"),
         "precision": Field("str", "auto", choices=("auto", "bf16", "fp32"),
                            help="auto: bf16 autocast on CUDA, fp32 on CPU"),
@@ -357,6 +362,7 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         cfg["run"]["name"] = name_hint
     if "/" in cfg["run"]["name"] or cfg["run"]["name"] in ("", ".", ".."):
         raise ConfigError(f"run.name: must be a plain name, got {cfg['run']['name']!r}")
+    _check_storage(cfg["run"])
     ms = cfg["optim"]["milestones"]
     multistep = cfg["optim"]["schedule"] == "multistep"
     if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
@@ -367,6 +373,14 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         _check_data(cfg["data"])
     _check_model(cfg)
     return cfg
+
+
+def _check_storage(run: dict[str, Any]) -> None:
+    from raydist.cluster.storage import check_output_dir, check_storage_path, is_uri
+
+    check_output_dir(run["output_dir"])
+    if run["storage_path"] is not None and (_CHECK_FILES or is_uri(run["storage_path"])):
+        run["storage_path"] = check_storage_path(run["storage_path"])  # else a path on the cluster, kept as written
 
 
 def _check_model(cfg: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
+        # "local": our own instance even when another test has a `ray start` cluster up on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
                  logging_level="warning", log_to_driver=True)
     yield ray
     ray.shutdown()

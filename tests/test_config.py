@@ -71,6 +71,8 @@ BAD = [
     (["--set", "optim.schedule=linear"], "optim.schedule", "choose from"),
     (["--set", "nosection.x=1"], "nosection", "unknown section"),
     (["--set", "method.k"], "method.k", "SECTION.KEY=VALUE"),
+    (["--set", "run.output_dir=s3://bucket/runs"], "run.output_dir", "run.storage_path: s3://bucket/runs"),
+    (["--set", "run.storage_path=ftp://host/ckpt"], "run.storage_path", "unknown URI scheme 'ftp://'"),
 ]
 
 
@@ -110,6 +112,27 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (run_dir / "best.pt").read_bytes() == b"precious"
+
+
+def test_storage_path_holding_a_run_is_not_reused_without_a_flag(tmp_path, capsys):
+    """Ray Train restores whatever run it finds at storage_path/name, so a fresh run refuses to start on one."""
+    storage = tmp_path / "ckpt"
+    path = write_job(tmp_path, tiny_job(tmp_path, run={"storage_path": storage.as_uri()}))
+    cfg = C.load_job(path)
+    assert cfg["run"]["storage_path"] == storage.as_uri()
+    assert C.load_job(path, [f"run.storage_path={tmp_path}/x/../ckpt"])["run"]["storage_path"] == str(storage)
+    (storage / "t" / "epoch_0001").mkdir(parents=True)
+    (storage / "t" / "epoch_0001" / "last.pt").write_bytes(b"precious")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.storage_path" in err and f"{storage.as_uri()}/t" in err
+    assert (storage / "t" / "epoch_0001" / "last.pt").read_bytes() == b"precious"
+    assert not (tmp_path / "runs").exists()
+
+    from raydist.cluster import storage as S
+
+    S.delete_experiment(storage.as_uri(), "t")  # what --overwrite does before a fresh start
+    assert not (storage / "t").exists() and storage.exists()
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):

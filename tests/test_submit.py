@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from raydist.cli import main
-from raydist.submit import EXCLUDES, PROJECT, build_submission
+from raydist.cluster.submit import EXCLUDES, PROJECT, build_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/digits_fgsm_sdi.yaml"
@@ -43,6 +43,9 @@ def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeyp
         ([JOB], "run.output_dir"),  # relative: would land in the job's temporary working directory
         ([JOB, "--set", f"run.output_dir={out}", "--set", "method.kk=1"], "method.kk"),
         (["jobs/nope.yaml", "--set", f"run.output_dir={out}"], "nope.yaml"),
+        ([JOB, "--set", "run.storage_path=ckpt", "--set", f"run.output_dir={out}"], "run.storage_path"),
+        ([JOB, "--set", "run.output_dir=gs://bucket/runs"], "run.output_dir"),
+        ([JOB, "--set", f"run.output_dir={out}", "--resume", "--overwrite"], "--resume"),
         ([JOB, "--set", f"run.output_dir={out}"], "RAY_ADDRESS"),  # no address anywhere
         ([JOB, "--set", f"run.output_dir={out}", "--address", f"http://127.0.0.1:{_free_port()}"], "cannot reach"),
     ]
@@ -54,6 +57,9 @@ def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeyp
     remote = build_submission(str(ROOT / JOB), [f"run.output_dir={out}", "data.dataset=imagenet",
                                                 "data.root=/mnt/cluster-only/imagenet", "data.stream=true"])
     assert "data.root=/mnt/cluster-only/imagenet" in remote["entrypoint"]
+    again = build_submission(str(ROOT / JOB), [f"run.output_dir={out}", "run.storage_path=s3://bucket/ckpt"],
+                             ("--resume",))
+    assert again["entrypoint"].startswith(f"python -m raydist.cli train {JOB} --resume --set")
     outside = tmp_path / "job.yaml"
     outside.write_text((ROOT / JOB).read_text())
     assert main(["submit", str(outside), "--set", f"run.output_dir={out}", "--address", "http://x:8265"]) == 2

@@ -85,4 +85,10 @@ def format_table(summary: dict[str, Any]) -> str:
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append(f"test images: {summary['n_test']}, eps = {summary['epsilon_text']}, "
                f"method {summary['method']}, model {summary['model']}, train time {summary['train_minutes']:.1f} min")
+    workers = summary.get("workers") or []
+    if len(workers) > 1:
+        nodes = {w["node_id"] for w in workers}
+        out.append(f"{len(workers)} workers on {len(nodes)} node(s): " + ", ".join(
+            f"rank {w['rank']} on {w['node_ip']} trained {w['images']} images from epoch {w['first_epoch']}"
+            for w in workers))
     return "\n".join(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raydist import config as C
+from raydist.cluster import storage
 from raydist.train import artifacts
 from raydist.train.loop import LAST, train_loop_per_worker
 
@@ -29,6 +30,8 @@ def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool 
     if resume:
         last = run_dir / LAST
         if not last.is_file():
+            if cfg["run"]["storage_path"] is not None and storage.experiment_exists(*storage.ray_storage(cfg, run_dir)):
+                return None  # the run directory is gone, Ray Train's storage is not: Ray restores from it
             raise C.ConfigError(f"--resume: no checkpoint to resume at {last}")
         saved_path = run_dir / artifacts.CONFIG
         if saved_path.is_file():
@@ -44,6 +47,12 @@ def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool 
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise C.ConfigError(f"run directory {run_dir} already exists "
                             "(--resume continues it, --overwrite deletes it and starts again)")
+    if cfg["run"]["storage_path"] is not None and not overwrite:
+        # Ray Train restores a run it finds at storage_path/name, so a fresh run must not start on top of one
+        path, name = storage.ray_storage(cfg, run_dir)
+        if storage.experiment_exists(path, name):
+            raise C.ConfigError(f"run.storage_path: {storage.describe(path, name)} already holds Ray Train "
+                                "checkpoints of a run with this name (--resume continues it, --overwrite deletes it)")
     return None
 
 
@@ -52,6 +61,8 @@ def create_run_dir(cfg: dict[str, Any], *, overwrite: bool = False) -> Path:
     run_dir = run_dir_of(cfg)
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
+    if overwrite and cfg["run"]["storage_path"] is not None:
+        storage.delete_experiment(*storage.ray_storage(cfg, run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / artifacts.CONFIG).write_text(C.dump(cfg))
     return run_dir
@@ -69,7 +80,8 @@ def _check_loadable(path: Path) -> None:
 
 
 def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
-    """Connect to RAY_ADDRESS if set, else start a local single-node Ray (unless one is already up)."""
+    """Connect to RAY_ADDRESS if set, else start a local single-node Ray of our own (unless this process already
+    has one). A cluster that `ray start` left running on this machine is used only when RAY_ADDRESS names it."""
     import ray
 
     if ray.is_initialized():
@@ -80,7 +92,7 @@ def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
-        ray.init(include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
+        ray.init(address="local", include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
                  logging_level="warning")
 
 
@@ -109,6 +121,15 @@ def check_resources(cfg: dict[str, Any]) -> None:
         if need_gpu > total.get("GPU", 0) + 1e-9:
             raise C.ConfigError(f"scaling.use_gpu: {sc['num_workers']} workers x {sc['gpus_per_worker']:g} GPUs "
                                 f"need {need_gpu:g} GPUs, this Ray cluster has {total.get('GPU', 0):g}")
+
+
+def check_shared_storage(cfg: dict[str, Any]) -> None:
+    """On a multi-node cluster, refuse a run directory or checkpoint storage that some node cannot see."""
+    places = {"run.output_dir": run_dir_of(cfg).parent}
+    path = cfg["run"]["storage_path"]
+    if path is not None and not storage.is_uri(path):
+        places["run.storage_path"] = Path(path)
+    storage.check_visible_from_every_node(places)
 
 
 def streamed_datasets(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -140,6 +161,7 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
     if sc["use_gpu"]:
         resources["GPU"] = sc["gpus_per_worker"]
     run_dir = run_dir_of(cfg)
+    storage_path, name = storage.ray_storage(cfg, run_dir)
     return TorchTrainer(
         train_loop_per_worker,
         datasets=streamed_datasets(cfg),
@@ -147,8 +169,8 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),
         run_config=RunConfig(
-            name="train",
-            storage_path=str(run_dir / "ray"),
+            name=name,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says what matters
@@ -162,6 +184,7 @@ def run_training(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool =
     resume_path = check_run_dir(cfg, overwrite=overwrite, resume=resume)
     ensure_ray(cfg)
     check_resources(cfg)
+    check_shared_storage(cfg)
     run_dir = create_run_dir(cfg, overwrite=overwrite and not resume)
     print(f"raydist: training {cfg['method']['name']} on {cfg['data']['dataset']} with "
           f"{cfg['scaling']['num_workers']} Ray Train worker(s); run directory {run_dir}", flush=True)

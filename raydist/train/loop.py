@@ -84,6 +84,22 @@ def _load_resume_state(resume: str | None) -> tuple[dict | None, dict | None]:
     return None, None
 
 
+def _workers(rank: int, world: int, device: torch.device, images: torch.Tensor, first_epoch: int) -> list[dict]:
+    """Where each worker ran and how many training images it processed since it (re)started; every rank
+    takes part, rank 0's copy is written to summary.json."""
+    import os
+    import socket
+
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device), "images": int(images.item()), "first_epoch": first_epoch}
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, mine)
+        return sorted(everyone, key=lambda w: w["rank"])
+    return [mine]
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -232,14 +248,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if best_ckpt is not None:
             best_weights = best_ckpt["state_dict"]
         if rank == 0:
-            artifacts.truncate_metrics(run_dir, start_epoch)
+            # a run directory lost while Ray's storage kept the checkpoint: rebuild it from the checkpoint
+            for name, ckpt in ((LAST, state), (BEST, best_ckpt)):
+                if ckpt is not None and not (run_dir / name).exists():
+                    torch.save(ckpt, run_dir / name)
+            if not artifacts.read_metrics(run_dir):
+                for row in ts.get("history", []):
+                    artifacts.append_metrics(run_dir, row)
             _say(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
 
+    if rank == 0:  # drop rows of an epoch that a failed attempt recorded but never checkpointed
+        artifacts.truncate_metrics(run_dir, start_epoch)
     # the data section travels with the checkpoint so `raydist eval` finds the same test split
     meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"], "data": dict(data)}
     history = artifacts.read_metrics(run_dir) if rank == 0 else []
     val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
     loop_start = time.perf_counter()
+    images_here = torch.zeros((), device=device, dtype=torch.float64)  # this worker's own share, read once at the end
+    last_done = start_epoch
     for epoch in range(start_epoch, epochs):
         if stopped:
             break
@@ -263,6 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
+        images_here += sums["n"]
         tr = _all_reduce(sums)
         val = _all_reduce(accuracy_under_attacks(base_model, val_loader, val_attacks, eps, seed=seed + epoch))
         if not math.isfinite(tr["loss"]):
@@ -291,6 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ecfg["guard_drop"] is not None and peak_pgd - row["val_pgd_acc"] > ecfg["guard_drop"]:
             stopped = True
         row.update(best_epoch=best_epoch, stopped=stopped)
+        last_done = epoch + 1
 
         checkpoint = None
         tmp = None
@@ -301,6 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "best_score": list(best_score), "best_epoch": best_epoch, "peak_pgd": peak_pgd,
                 "train_seconds": train_seconds,
                 "stopped": stopped, "torch_rng": torch.get_rng_state(),
+                "history": [*history, row],  # metrics.jsonl's rows, to rebuild a lost run directory
             }
             save_checkpoint(run_dir / LAST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
                             train_state=train_state, **meta)
@@ -329,19 +358,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
+        workers = _workers(rank, world, device, images_here, start_epoch + 1)
         _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                    meta, epochs)
+                    meta, last_done, workers)
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                meta, epochs) -> None:
+                meta, last_epoch, workers) -> None:
     """Evaluate the last and the best weights on the test set (never used for selection); rank 0 writes it."""
     attacks = list(job["eval"]["test_attacks"])
     if "clean" not in attacks:
         attacks.insert(0, "clean")
     eps = job["method"]["epsilon"]
     seed = job["run"]["seed"]
-    last_epoch = artifacts.read_metrics(run_dir)[-1]["epoch"] if rank == 0 else epochs
     results = {}
     last_weights = copy.deepcopy(base_model.state_dict())
     for which, weights in (("last", None), ("best", best_weights)):
@@ -358,7 +387,7 @@ def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_
         "run": job["run"]["name"], "method": meta["method"], "model": f"{spec['name']} ({spec['activation']})",
         "dataset": meta["dataset"], "epsilon": eps, "epsilon_text": _eps_text(eps), "attacks": attacks,
         "n_test": results["last"]["n"], "train_minutes": train_seconds / 60.0,
-        "best": results["best"], "last": results["last"],
+        "best": results["best"], "last": results["last"], "workers": workers,
     }
     artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
 

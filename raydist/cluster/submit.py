@@ -21,7 +21,7 @@ import yaml
 
 from raydist import config as C
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 # .gitignore-style patterns, anchored at the project root where a bare name would also hit raydist/data
 EXCLUDES = ["/.git", "/.venv", "/.gpu", "/runs", "/data", "/bench/results", "*.pt", "*.parquet", "__pycache__",
             ".pytest_cache", ".ruff_cache", "*.egg-info"]
@@ -94,7 +94,12 @@ def kind_of(path: Path) -> str:
 def _output_dir(kind: str, path: Path, overrides: list[str]) -> str:
     """Validate the file as its command would, and return where it writes."""
     if kind == "train":
-        return C.load_job(path, overrides)["run"]["output_dir"]
+        run = C.load_job(path, overrides)["run"]
+        storage = run["storage_path"]
+        if storage is not None and "://" not in storage and not Path(os.path.expanduser(storage)).is_absolute():
+            raise C.ConfigError(f"run.storage_path: {storage!r} is relative, so on the cluster it would land in the "
+                                "job's temporary working directory; give a shared path or a URI (s3://, gs://)")
+        return run["output_dir"]
     if kind == "tune":
         from raydist.tune.sweep import load_sweep
 
@@ -104,8 +109,9 @@ def _output_dir(kind: str, path: Path, overrides: list[str]) -> str:
     return load_compare(path, overrides)["run"]["output_dir"]  # as written, or the base job's
 
 
-def build_submission(path: str, overrides: list[str]) -> dict[str, Any]:
-    """Everything `submit` sends: checked here, before any upload."""
+def build_submission(path: str, overrides: list[str], flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Everything `submit` sends: checked here, before any upload. ``flags``: --resume / --overwrite, passed on
+    to the command on the cluster (the run directory lives there, so that command checks them)."""
     p = Path(path)
     if not p.is_file():
         raise C.ConfigError(f"file not found: {p}")
@@ -118,11 +124,11 @@ def build_submission(path: str, overrides: list[str]) -> dict[str, Any]:
     kind = kind_of(p)
     with C.files_elsewhere():  # data.root and model.pretrained_path are paths on the cluster, not here
         out = _output_dir(kind, p, overrides)
-    if not Path(os.path.expanduser(out)).is_absolute() and "://" not in out:
+    if not Path(os.path.expanduser(out)).is_absolute():
         raise C.ConfigError(f"run.output_dir: {out!r} is relative, so on the cluster it would land in the job's "
                             "temporary working directory; give storage every node sees, e.g. "
                             "--set run.output_dir=/mnt/shared/runs")
-    words = ["python", "-m", "raydist.cli", kind, str(rel)]
+    words = ["python", "-m", "raydist.cli", kind, str(rel), *flags]
     for item in overrides:
         words += ["--set", item]
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -137,8 +143,8 @@ def build_submission(path: str, overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def submit(path: str, overrides: list[str], address: str | None, follow: bool) -> int:
-    sub = build_submission(path, overrides)
+def submit(path: str, overrides: list[str], address: str | None, follow: bool, flags: tuple[str, ...] = ()) -> int:
+    sub = build_submission(path, overrides, flags)
     jobs = client(address)
     deadline = time.time() + AGENT_WAIT_S
     while True:

@@ -1,0 +1,103 @@
+"""Multi-node training and fault tolerance on a real three-node Ray cluster on this machine.
+
+tests/cluster_faults.py builds the cluster (`ray.cluster_utils.Cluster`) in a process of its own, since this
+session's Ray is already up, and runs every scenario once; each test below checks one scenario's outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydist.data import load_dataset
+from raydist.models import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cluster")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_faults.py"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    results_path = out / "results.json"
+    assert results_path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(results_path.read_text())
+    assert "error" not in results, results["error"] + "\n" + proc.stdout[-3000:]
+    return out, results, proc.stdout
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _n_train() -> int:
+    return len(load_dataset("digits", val_size=200).train_y)
+
+
+def test_two_workers_train_on_two_nodes(outcome):
+    out, results, stdout = outcome
+    rec = results["spread"]
+    workers = rec["summary"]["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_id"] for w in workers} == set(rec["nodes"])  # one worker on each worker node
+    assert results["head"] not in {w["node_id"] for w in workers}
+    # each sample once per epoch, split between the nodes, and both did a real share of it
+    assert sum(w["images"] for w in workers) == 2 * _n_train()
+    assert all(w["images"] >= 0.45 * 2 * _n_train() for w in workers)
+    assert _epochs(out / "runs" / "spread") == [1, 2]
+    assert "2 workers on 2 node(s)" in stdout
+
+
+def _check_recovered(run_dir: Path, rec: dict, epochs: int) -> None:
+    assert "fault_error" not in rec, rec.get("fault_error")
+    assert 1 <= rec["epochs_done_at_fault"] < epochs  # the fault struck mid-run
+    assert _epochs(run_dir) == list(range(1, epochs + 1))  # every epoch once, in order
+    _, last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == epochs
+    assert (run_dir / "best.pt").is_file() and (run_dir / "summary.json").is_file()
+    workers = rec["summary"]["workers"]
+    # the restarted worker group resumed from the last checkpoint, not from epoch 1
+    assert all(2 <= w["first_epoch"] <= rec["epochs_done_at_fault"] + 1 for w in workers)
+    assert sum(w["images"] for w in workers) == (epochs - workers[0]["first_epoch"] + 1) * _n_train()
+
+
+def test_a_killed_worker_process_restarts_the_group_from_the_last_checkpoint(outcome):
+    out, results, _ = outcome
+    rec = results["kill_worker"]
+    lost = out / "runs" / "kill_worker_lost"  # the run directory as the run left it, moved away below
+    _check_recovered(lost, rec, 3)
+    assert rec["killed_pid"] not in {w["pid"] for w in rec["summary"]["workers"]}
+    # run.storage_path as a file:// URI: Ray Train kept its checkpoints there
+    stored = sorted(p.name for p in (out / "ray_storage" / "kill_worker").glob("epoch_*"))
+    assert stored and stored[-1] == "epoch_0003"
+    assert not (out / "runs" / "kill_worker" / "ray").exists()
+    # ...from which --resume rebuilt the run directory after it was lost
+    restored, rebuilt = rec["restored"], out / "runs" / "kill_worker"
+    assert restored["best"]["epoch"] == rec["summary"]["best"]["epoch"]
+    assert restored["last"]["accuracy"] == rec["summary"]["last"]["accuracy"]
+    assert load_checkpoint(rebuilt / "last.pt")[1]["epoch"] == 3 and (rebuilt / "best.pt").is_file()
+    assert (rebuilt / "metrics.jsonl").read_text() == (lost / "metrics.jsonl").read_text()
+
+
+def test_a_lost_node_is_replaced_and_the_run_finishes(outcome):
+    out, results, _ = outcome
+    rec = results["remove_node"]
+    _check_recovered(out / "runs" / "remove_node", rec, 3)
+    nodes = {w["node_id"] for w in rec["summary"]["workers"]}
+    assert rec["removed_node"] not in nodes and len(nodes) == 2
+    assert rec["idle_node"] in nodes  # the group came back on the node that stood idle
+
+
+def test_the_storage_probe_asks_every_node(outcome):
+    _, results, _ = outcome
+    probe = results["probe"]
+    assert probe["missing_when_shared"] == []
+    assert len(probe["missing_when_not"]) == probe["alive_nodes"] >= 3
+    assert probe["leftover_markers"] == []
