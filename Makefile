@@ -30,12 +30,15 @@ demo-standard: install
 test: install
 	$(BIN)/pytest -q
 
-# Evaluation throughput (images/s per attack with 1, 2, 4 actors): on a GPU the H100 reference setting, on CPU a
-# small model. Writes bench/results/eval_throughput.json.
+# Training throughput (raydist train with one Ray Train worker beside a plain PyTorch loop of the same method) and
+# evaluation throughput (images/s per attack with 1, 2, 4 actors): on a GPU the H100 reference setting, on CPU a
+# small model. Writes bench/results/{train,eval}_throughput.json.
 bench: install
 	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  $(BIN)/python bench/train_throughput.py --gpu && \
 	  $(BIN)/python bench/eval_throughput.py --synthetic --width 64 --samples 8192 --gpu --actors 1,2,4; \
 	else \
+	  $(BIN)/python bench/train_throughput.py && \
 	  $(BIN)/python bench/eval_throughput.py --synthetic --width 16 --samples 256 --actors 1,2; \
 	fi
 

@@ -207,7 +207,7 @@ def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> di
     """Train the runs that need it, as many at once as the cluster fits (and ``limit``); returns per-run records."""
     import ray
 
-    from raydist.train.driver import check_resources, create_run_dir, ensure_ray
+    from raydist.train.driver import check_resources, check_shared_storage, create_run_dir, ensure_ray
 
     records: dict[str, dict[str, Any]] = {}
     todo = []
@@ -223,6 +223,7 @@ def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> di
     ensure_ray()  # only now: a comparison of finished runs and evaluations needs no Ray at all
     for r in todo:
         check_resources(r["job"])
+    check_shared_storage(todo[0]["job"])  # every run lives under the comparison's directory
     local = not os.environ.get("RAY_ADDRESS")  # a remote cluster may autoscale: only `limit` holds there
     total = ray.cluster_resources()
     free = {k: float(total.get(k, 0.0)) for k in ("CPU", "GPU")} if local else {"CPU": math.inf, "GPU": math.inf}

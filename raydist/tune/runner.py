@@ -175,11 +175,13 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
 
 def run_sweep(sweep: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run (or finish) a sweep; writes trials.csv, best.yaml and a plot into the sweep directory."""
+    from raydist.cluster.storage import check_visible_from_every_node
     from raydist.train.driver import ensure_ray
 
     check_sweep_dir(sweep, overwrite=overwrite, resume=resume)
     ensure_ray()
     d = sweep_dir_of(sweep)
+    check_visible_from_every_node({"run.output_dir": d.parent})  # trials write their runs under it
     if overwrite and d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
