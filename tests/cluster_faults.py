@@ -27,18 +27,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_job  # noqa: E402
+from conftest import free_port, tiny_job  # noqa: E402
 
 WAIT_S = 300
 EPOCHS = 2  # the fault strikes in epoch 2, which the restarted group redoes
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_workers() -> list[dict]:
@@ -100,8 +92,8 @@ def main() -> int:
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; free ports keep it clear
     # of this test session's own Ray
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port()})
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port()})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     results: dict = {"head": cluster.head_node.node_id}
     try:

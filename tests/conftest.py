@@ -27,6 +27,15 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a second Ray's head, dashboard and agents)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_job(tmp_path: Path, **sections) -> dict:
     """A digits job that trains in seconds on one CPU: width-8 ResNet-18, few epochs, capped test set."""
     job = {

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,18 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from raydist.cli import main
 from raydist.cluster.submit import EXCLUDES, PROJECT, build_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/digits_fgsm_sdi.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeypatch):
@@ -47,7 +41,7 @@ def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeyp
         ([JOB, "--set", "run.output_dir=gs://bucket/runs"], "run.output_dir"),
         ([JOB, "--set", f"run.output_dir={out}", "--resume", "--overwrite"], "--resume"),
         ([JOB, "--set", f"run.output_dir={out}"], "RAY_ADDRESS"),  # no address anywhere
-        ([JOB, "--set", f"run.output_dir={out}", "--address", f"http://127.0.0.1:{_free_port()}"], "cannot reach"),
+        ([JOB, "--set", f"run.output_dir={out}", "--address", f"http://127.0.0.1:{free_port()}"], "cannot reach"),
     ]
     for args, named in cases:
         assert main(["submit", *args]) == 2
@@ -71,7 +65,7 @@ def test_submission_is_checked_before_anything_is_sent(tmp_path, capsys, monkeyp
 def ray_head():
     """A real single-node Ray cluster in its own processes (`ray start --head --block`), stopped afterwards
     without touching the test session's own Ray instance."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` = this venv's
@@ -80,7 +74,7 @@ def ray_head():
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--temp-dir={temp}", "--block", "--disable-usage-stats",
          # its own agent ports: another Ray (the test session's, a user's) may hold the defaults on this host
-         *(f"--{flag}={_free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                    "metrics-export-port", "runtime-env-agent-port",
                                                    "node-manager-port", "object-manager-port"))],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -100,12 +100,20 @@ def _sees(marker: str, token: str) -> tuple[str, bool]:
     return ray.get_runtime_context().get_node_id(), seen
 
 
-def nodes_missing(directory: Path, token: str, marker: Path) -> list[str]:
-    """Ask every alive node whether it reads ``token`` at ``marker``; returns the addresses of those that do not."""
+def _alive_nodes() -> dict[str, str]:
+    """node id → address of every alive Ray node."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def nodes_missing(directory: Path, token: str, marker: Path, nodes: dict[str, str] | None = None) -> list[str]:
+    """Ask every alive node (or ``nodes``) whether it reads ``token`` at ``marker``; returns the addresses of
+    those that do not."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    nodes = _alive_nodes() if nodes is None else nodes
     probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
         str(marker), token) for node_id in nodes]
@@ -123,9 +131,8 @@ def check_visible_from_every_node(places: dict[str, Path]) -> None:
     ``places``: config key → local directory (created if missing). URIs are not probed: every node reaches
     object storage the same way. A single-node Ray needs no check.
     """
-    import ray
-
-    if sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+    nodes = _alive_nodes()
+    if len(nodes) < 2:
         return
     for key, directory in places.items():
         directory.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,7 @@ def check_visible_from_every_node(places: dict[str, Path]) -> None:
         marker = directory / f"{MARKER_PREFIX}{token}"
         marker.write_text(token)
         try:
-            missing = nodes_missing(directory, token, marker)
+            missing = nodes_missing(directory, token, marker, nodes)
         finally:
             marker.unlink(missing_ok=True)
         if missing:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from raydist import config as C
+from raydist.cluster.storage import is_uri
 
 PROJECT = Path(__file__).resolve().parents[2]
 # .gitignore-style patterns, anchored at the project root where a bare name would also hit raydist/data
@@ -95,10 +96,8 @@ def _output_dir(kind: str, path: Path, overrides: list[str]) -> str:
     """Validate the file as its command would, and return where it writes."""
     if kind == "train":
         run = C.load_job(path, overrides)["run"]
-        storage = run["storage_path"]
-        if storage is not None and "://" not in storage and not Path(os.path.expanduser(storage)).is_absolute():
-            raise C.ConfigError(f"run.storage_path: {storage!r} is relative, so on the cluster it would land in the "
-                                "job's temporary working directory; give a shared path or a URI (s3://, gs://)")
+        if run["storage_path"] is not None and not is_uri(run["storage_path"]):
+            _refuse_relative("run.storage_path", run["storage_path"], "a shared path or a URI (s3://, gs://)")
         return run["output_dir"]
     if kind == "tune":
         from raydist.tune.sweep import load_sweep
@@ -107,6 +106,12 @@ def _output_dir(kind: str, path: Path, overrides: list[str]) -> str:
     from raydist.compare.spec import load_compare
 
     return load_compare(path, overrides)["run"]["output_dir"]  # as written, or the base job's
+
+
+def _refuse_relative(key: str, value: str, give: str) -> None:
+    if not Path(os.path.expanduser(value)).is_absolute():
+        raise C.ConfigError(f"{key}: {value!r} is relative, so on the cluster it would land in the job's "
+                            f"temporary working directory; give {give}")
 
 
 def build_submission(path: str, overrides: list[str], flags: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -124,10 +129,7 @@ def build_submission(path: str, overrides: list[str], flags: tuple[str, ...] = (
     kind = kind_of(p)
     with C.files_elsewhere():  # data.root and model.pretrained_path are paths on the cluster, not here
         out = _output_dir(kind, p, overrides)
-    if not Path(os.path.expanduser(out)).is_absolute():
-        raise C.ConfigError(f"run.output_dir: {out!r} is relative, so on the cluster it would land in the job's "
-                            "temporary working directory; give storage every node sees, e.g. "
-                            "--set run.output_dir=/mnt/shared/runs")
+    _refuse_relative("run.output_dir", out, "storage every node sees, e.g. --set run.output_dir=/mnt/shared/runs")
     words = ["python", "-m", "raydist.cli", kind, str(rel), *flags]
     for item in overrides:
         words += ["--set", item]
