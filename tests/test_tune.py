@@ -64,6 +64,7 @@ BAD = [
     ({"budgett": {}}, "did you mean 'budget'"),
     ({"base": "missing.yaml"}, "missing.yaml"),
     ({"objective": "pareto"}, "objective"),
+    ({"space": {"scaling.num_workers": {"type": "int", "low": 0, "high": 2}}}, "scaling keys cannot be searched"),
 ]
 
 
@@ -105,6 +106,9 @@ def test_sweep_runs_stops_early_records_failures_and_writes_best(tmp_path, capsy
                    space={"method.k": {"type": "int", "low": 1, "high": 40},
                           "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 0.2}})
     sweep["budget"] = {"num_trials": 4, "max_concurrent_trials": 1}
+    # the trials train in their own Tune process (Ray Train's local mode), reporting to Tune from the loop; the
+    # resume test below runs its trials on Ray Train workers through TuneReportCallback
+    sweep["set"] = {"scaling.num_workers": 0}
     assert main(["tune", str(_write(tmp_path, sweep))]) == 0
     d = tmp_path / "sweeps" / "sw"
     rows = _trials(tmp_path)

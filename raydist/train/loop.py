@@ -67,9 +67,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 
-def _load_resume_state(resume: str | None) -> tuple[dict | None, dict | None]:
+def _load_resume_state(resume: str | None, session) -> tuple[dict | None, dict | None]:
     """Training state and best weights: from Ray's checkpoint after a worker restart, else from --resume."""
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             last = torch.load(Path(d) / LAST, map_location="cpu", weights_only=False)
@@ -133,7 +133,71 @@ def _quiet_ray_train() -> None:
         pass
 
 
-def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int) -> dict[str, Any]:
+class _TrainSession:
+    """What the loop asks of Ray Train: its place in the worker group, the checkpoint to restart from, its share
+    of the streamed datasets, DDP, and where each epoch's metrics and checkpoint go."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def shard(self, split: str):
+        return ray.train.get_dataset_shard(split)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(self, row: dict[str, Any], files: list[Path], epoch: int) -> None:
+        """Every rank reports; rank 0 passes ``files`` (last.pt, best.pt) as the epoch's Ray Train checkpoint."""
+        if not files:
+            ray.train.report(row, checkpoint=None)
+            return
+        tmp = tempfile.mkdtemp(prefix="raydist-ckpt-")
+        try:
+            for f in files:
+                shutil.copy2(f, Path(tmp) / f.name)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _TuneTrialSession:
+    """A sweep trial with ``scaling.num_workers: 0`` trains inside its Tune trial process, one worker, with no
+    Ray Train controller or worker actors to start. Ray refuses its Train API inside a Tune function
+    (ray-project/ray#49454), so here the epoch goes to ``ray.tune.report`` and the trial's last.pt is its
+    checkpoint (an interrupted sweep's trial resumes from it)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, datasets: dict[str, Any] | None = None) -> None:
+        self.datasets = datasets or {}
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray shows the trial only its GPU
+
+    def checkpoint(self):
+        return None
+
+    def shard(self, split: str):
+        return self.datasets[split]
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def report(self, row: dict[str, Any], files: list[Path], epoch: int) -> None:
+        from ray import tune as ray_tune
+
+        ray_tune.report(row)
+
+
+def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int, session) -> dict[str, Any]:
     """Loaders for train / val / test and what the model needs to know of the data.
 
     In memory (default): the dataset's uint8 splits on the device, this worker's disjoint shard each epoch
@@ -153,7 +217,7 @@ def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int) -> dict[s
         kw = {"device": common["device"], "channels_last": common["channels_last"]}
 
         def stream(split: str, batch: int, rows: int, **extra: Any) -> StreamingLoader:
-            return StreamingLoader(ray.train.get_dataset_shard(split), batch_size=batch,
+            return StreamingLoader(session.shard(split), batch_size=batch,
                                    num_rows=shard_rows(rows, world), **kw, **extra)
 
         return {
@@ -183,22 +247,24 @@ def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int) -> dict[s
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None,
-    "final_test": bool (default true)}."""
+    "final_test": bool (default true)}; a sweep trial in its own process adds "tune_trial": true and, with
+    data.stream, "datasets" (see _TuneTrialSession)."""
     _quiet_ray_train()
     job = config["job"]
     run_dir = Path(config["run_dir"])
     run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if job["scaling"]["use_gpu"] else torch.device("cpu")
-    if device.type == "cpu" and job["scaling"]["num_workers"] > 0:
+    in_trial = bool(config.get("tune_trial"))
+    session = _TuneTrialSession(config.get("datasets")) if in_trial else _TrainSession()
+    rank, world = session.rank, session.world
+    device = session.device(job["scaling"]["use_gpu"])
+    if device.type == "cpu" and (job["scaling"]["num_workers"] > 0 or in_trial):
         torch.set_num_threads(max(1, int(job["scaling"]["cpus_per_worker"])))
     channels_last = run["channels_last"] == "true" or (run["channels_last"] == "auto" and device.type == "cuda")
     seed = run["seed"]
     eps = job["method"]["epsilon"]
 
     common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
-    feed = _data_feed(job, common, seed)
+    feed = _data_feed(job, common, seed, session)
     extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
     torch.manual_seed(seed)  # identical initial weights on every worker
     model = create_model(mcfg["name"], num_classes=feed["num_classes"], activation=mcfg["activation"],
@@ -212,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_model = model
     if run["compile"]:
         model = torch.compile(model)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    model = session.prepare(model)
 
     optimizer = torch.optim.SGD(_param_groups(base_model, ocfg["weight_decay"]), lr=ocfg["lr"],
                                 momentum=ocfg["momentum"], nesterov=ocfg["nesterov"])
@@ -234,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
     start_epoch, best_score, best_epoch, peak_pgd, train_seconds, stopped = 0, (-1.0, -1.0), 0, 0.0, 0.0, False
     best_weights = None
-    state, best_ckpt = _load_resume_state(config.get("resume"))
+    state, best_ckpt = _load_resume_state(config.get("resume"), session)
     if state is not None:
         ts = state["train_state"]
         base_model.load_state_dict(state["state_dict"])
@@ -320,8 +386,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row.update(best_epoch=best_epoch, stopped=stopped)
         last_done = epoch + 1
 
-        checkpoint = None
-        tmp = None
+        files: list[Path] = []
         if rank == 0:
             train_state = {
                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
@@ -340,11 +405,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history.append(row)
             artifacts.plot_curves(run_dir, history, title=f"{run['name']}: {job['method']['name']}, "
                                                           f"{mcfg['name']} ({mcfg['activation']})")
-            tmp = tempfile.mkdtemp(prefix="raydist-ckpt-")
-            for name in (LAST, BEST):
-                if (run_dir / name).exists():
-                    shutil.copy2(run_dir / name, Path(tmp) / name)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            files = [run_dir / name for name in (LAST, BEST) if (run_dir / name).exists()]
             if run["progress"]:
                 per_epoch = (time.perf_counter() - loop_start) / (epoch + 1 - start_epoch)  # validation included
                 remaining = 0 if stopped else (epochs - epoch - 1) * per_epoch
@@ -353,9 +414,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _say(f"validation PGD accuracy fell {100 * (peak_pgd - row['val_pgd_acc']):.1f} points below "
                          f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); "
                          f"best.pt is epoch {best_epoch}")
-        ray.train.report(row, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        session.report(row, files, epoch + 1)
 
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
         workers = _workers(rank, world, device, images_here, start_epoch + 1)

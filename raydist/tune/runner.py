@@ -74,11 +74,13 @@ class DefineByRun:
 
 
 def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> None:
-    """One trial: the base job with this trial's parameters, trained by Ray Train, reporting to Tune."""
+    """One trial: the base job with this trial's parameters, trained by Ray Train, reporting to Tune (with
+    ``scaling.num_workers: 0``, trained in this process)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydist.train.driver import build_trainer, create_run_dir, run_dir_of
+    from raydist.train.driver import build_trainer, create_run_dir, run_dir_of, streamed_datasets
+    from raydist.train.loop import train_loop_per_worker
 
     name = ray.tune.get_context().get_trial_name()
     params = {k: v for k, v in config.items() if "." in k}
@@ -94,7 +96,22 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> Non
             for row in history:  # finished before the driver died: tell the restored Tune what it missed
                 ray.tune.report(row)
             return
-    build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False).fit()
+    if job["scaling"]["num_workers"] == 0:  # the loop runs here, in the trial's process, and reports to Tune
+        train_loop_per_worker({"job": job, "run_dir": str(run_dir), "resume": resume, "final_test": False,
+                               "tune_trial": True, "datasets": streamed_datasets(job)})
+    else:
+        build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False).fit()
+
+
+def trial_resources(scaling: dict[str, Any]) -> dict[str, float]:
+    """What a trial's own process asks Ray for. With Ray Train workers it only drives them (they ask for their
+    own CPUs and GPUs); with ``num_workers: 0`` it trains itself, so it holds one worker's share."""
+    if scaling["num_workers"]:
+        return {"CPU": 0.01}
+    need = {"CPU": scaling["cpus_per_worker"]}
+    if scaling["use_gpu"]:
+        need["GPU"] = scaling["gpus_per_worker"]
+    return need
 
 
 def trial_name(trial) -> str:
@@ -137,8 +154,7 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
 
     d = sweep_dir_of(sweep)
     trainable = ray.tune.with_parameters(_trial, sweep=sweep, sweep_dir=str(d))
-    # the trial function only drives Ray Train; its workers ask for their own CPUs and GPUs
-    trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = ray.tune.with_resources(trainable, trial_resources(sweep["base"]["scaling"]))
     if resume:
         return ray.tune.Tuner.restore(str(d / TUNE_DIR), trainable=trainable, resume_unfinished=True,
                                       resume_errored=False, restart_errored=False)

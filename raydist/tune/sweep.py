@@ -66,6 +66,9 @@ def _check_int(value: Any, key: str, minimum: int) -> int:
 def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
     where = f"space.{path}"
     section, key = _job_key(path, where)
+    if section in ("scaling", "run"):
+        # a trial's resources and run directory are fixed before Optuna draws its parameters
+        raise C.ConfigError(f"{where}: {section} keys cannot be searched (set them in the base job or in 'set')")
     entry = dict(C.mapping(entry, where))
     kind = entry.get("type")
     if kind not in SPACE_TYPES:
