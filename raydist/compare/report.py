@@ -17,6 +17,14 @@ ORDER = ("clean", "fgsm", "pgd", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
 COLLAPSE_DROP = 0.2
 
 
+def _minutes(value: float | None) -> str:
+    """Training minutes for the table: one decimal, two significant digits below a minute (a short digits run
+    would otherwise read 0.0)."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+
+
 def column(attack: str) -> str:
     if attack in NAMES:
         return NAMES[attack]
@@ -61,7 +69,7 @@ def table_rows(results: list[dict[str, Any]], attacks: list[str]) -> tuple[list[
     head = ["Method", "Checkpoint", "Epoch"] + [column(a) for a in attacks] + ["Train time (min)"]
     rows = []
     for r in results:
-        minutes = f"{r['train_minutes']:.1f}" if r.get("train_minutes") is not None else "-"
+        minutes = _minutes(r.get("train_minutes"))
         if r["error"]:
             rows.append([r["label"], "failed", "-"] + ["-"] * len(attacks) + [minutes])
             continue
