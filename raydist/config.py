@@ -120,7 +120,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                            help="auto: bf16 autocast on CUDA, fp32 on CPU"),
         "channels_last": Field("str", "auto", choices=("auto", "true", "false"),
                                help="auto: on for CUDA"),
-        "compile": Field("bool", False, help="torch.compile the model"),
+        "compile": Field("str", "auto", choices=("auto", "true", "false"),
+                         help="torch.compile the model; auto: on for CUDA (where it pays), off on CPU (where "
+                              "compiling costs more than a short run saves)"),
+        "compile_mode": Field("str", "default", choices=("default", "reduce-overhead", "max-autotune",
+                                                         "max-autotune-no-cudagraphs"),
+                              help="torch.compile mode; reduce-overhead replays the step's kernels as CUDA graphs"),
         "max_failures": Field("int", 0, min=-1, help="worker-group restarts Ray Train may make (-1: no limit)"),
         "progress": Field("bool", True, help="print a progress line per epoch"),
     },

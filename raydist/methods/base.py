@@ -10,10 +10,12 @@ module so DDP's reducer never sees a forward without its backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -24,6 +26,23 @@ AutocastFactory = Callable[[], AbstractContextManager]
 SMOOTH_BACKWARD: dict[str, tuple[bool, bool]] = {
     "none": (False, False), "attacker": (True, False), "optimizer": (False, True), "both": (True, True),
 }
+
+
+def _accepts_fused(optimizer_cls: type[torch.optim.Optimizer]) -> bool:
+    return "fused" in inspect.signature(optimizer_cls.__init__).parameters
+
+
+def fused_optimizer_kwargs(optimizer_cls: type[torch.optim.Optimizer], params: Iterable[Any]) -> dict[str, Any]:
+    """``{"fused": True}`` when every parameter lives on a CUDA or CPU device and this torch has a fused
+    ``optimizer_cls``; else ``{}`` (the default foreach implementation). ``params``: tensors or param groups."""
+    if not _accepts_fused(optimizer_cls):
+        return {}
+    tensors: list[torch.Tensor] = []
+    for p in params:
+        tensors.extend(p["params"] if isinstance(p, dict) else [p])
+    if not tensors or any(t.device.type not in ("cuda", "cpu") or not t.is_floating_point() for t in tensors):
+        return {}
+    return {"fused": True}
 
 
 def attack_view(model: nn.Module) -> nn.Module:

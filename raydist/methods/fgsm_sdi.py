@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Adam, Optimizer
 
 from raydist.attacks.core import input_gradient
-from raydist.methods.base import TrainMethod
+from raydist.methods.base import TrainMethod, fused_optimizer_kwargs
 from raydist.models.generator import SDIGenerator
 
 
@@ -80,9 +80,9 @@ class FGSMSDI(TrainMethod):
         if _distributed():  # every rank starts from rank 0's generator
             for t in [*self.generator.parameters(), *self.generator.buffers()]:
                 dist.broadcast(t.data, src=0)
-        self.generator_optimizer = Adam(
-            self.generator.parameters(), lr=generator_lr, weight_decay=generator_weight_decay
-        )
+        params = list(self.generator.parameters())
+        self.generator_optimizer = Adam(params, lr=generator_lr, weight_decay=generator_weight_decay,
+                                        **fused_optimizer_kwargs(Adam, params))
         self.generator_steps = 0
 
     # -- the example ------------------------------------------------------------------------

@@ -27,9 +27,11 @@ from raydist.config import method_params
 from raydist.data import DeviceLoader, load_dataset
 from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
+from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.train import artifacts
 from raydist.train.schedules import lr_multiplier
+from raydist.train.speed import compile_model, setup_device, use_compile
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -276,12 +278,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_model = model
-    if run["compile"]:
-        model = torch.compile(model)
+    setup_device(device)
+    if use_compile(run["compile"], device):
+        model = compile_model(model, run["compile_mode"])
     model = session.prepare(model)
 
-    optimizer = torch.optim.SGD(_param_groups(base_model, ocfg["weight_decay"]), lr=ocfg["lr"],
-                                momentum=ocfg["momentum"], nesterov=ocfg["nesterov"])
+    groups = _param_groups(base_model, ocfg["weight_decay"])
+    optimizer = torch.optim.SGD(groups, lr=ocfg["lr"], momentum=ocfg["momentum"], nesterov=ocfg["nesterov"],
+                                **fused_optimizer_kwargs(torch.optim.SGD, groups))
     autocast = _autocast(device, run["precision"])
     method = create_method(job["method"]["name"], model, optimizer, epsilon=eps, autocast=autocast,
                            label_smoothing=job["method"]["label_smoothing"], smooth_backward=mcfg["smooth_backward"],
