@@ -30,8 +30,15 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (the usage is what --help is for)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="raydist",
         description="Adversarial training of image classifiers on Ray Train (FGSM-SDI, PGD-AT, FGSM-RS, ...).",
         epilog=EPILOG,
@@ -96,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--shard-size", type=int, default=256)
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the attacks' forward/backward passes; robustness is judged in fp32 either way "
+                         "(default: %(default)s: reduced precision can weaken an attack)")
     ev.add_argument("--data-root", default=None, help="where the dataset files are, if not where training had them")
     ev.add_argument("--out", default=None, help="output directory (default: next to the first checkpoint, eval/)")
     ev.add_argument("--resume", action="store_true", help="finish an interrupted evaluation")
@@ -214,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoints, attacks, eps, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, batch_size=args.batch_size,
         samples=args.samples, seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
-        data_root=args.data_root))
+        data_root=args.data_root, precision=args.precision))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -129,3 +129,37 @@ def test_eval_report_samples_resume_and_a_killed_actor(tmp_path, checkpoint, cap
         assert p.stat().st_mtime == mtimes[p.name]
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
     ray.get([])  # the session's Ray is still usable
+
+
+def test_bf16_attacks_are_judged_in_fp32_and_match_fp32_ones(checkpoint):
+    """--precision bf16 runs the attack's passes in bf16 autocast; on this model it finds the same robust
+    accuracy as fp32 within a few points (the measurement README's Evaluation section quotes at full size)."""
+    from raydist.evaluate.actors import EvalWorker
+
+    worker = EvalWorker({"dataset": "digits"}, use_gpu=False, threads=1)
+    path = str(checkpoint / "best.pt")
+    out = {p: worker.evaluate(path, "pgd10", 0, 128, EPS, 64, 0, None, p) for p in ("fp32", "bf16")}
+    assert (out["fp32"]["clean_pred"] == out["bf16"]["clean_pred"]).all()  # the clean judgement is fp32
+    acc = {p: float(o["robust"].mean()) for p, o in out.items()}
+    assert acc["fp32"] < float((out["fp32"]["clean_pred"] == out["fp32"]["label"]).mean())  # the attack bites
+    assert abs(acc["bf16"] - acc["fp32"]) <= 0.05, acc
+
+
+def test_resume_refuses_other_precision_or_seed(tmp_path, checkpoint, capsys):
+    out = tmp_path / "ev"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "settings.json").write_text(json.dumps({"seed": 0, "precision": "fp32"}))
+    base = ["eval", str(checkpoint / "best.pt"), "--out", str(out), "--resume"]
+    assert main([*base, "--precision", "bf16"]) == 2
+    assert "--precision fp32" in capsys.readouterr().err
+    assert main([*base, "--seed", "3"]) == 2
+    assert "--seed 0" in capsys.readouterr().err
+
+
+def test_report_says_when_attacks_ran_in_bf16():
+    from raydist.evaluate.runner import format_report
+
+    row = {"checkpoint": "r/best.pt", "n": 8, "accuracy": {"clean": 0.9, "pgd10": 0.5}, "flags": [], "eps_curve": []}
+    text = format_report({"epsilon": 8 / 255, "attacks": ["clean", "pgd10"], "precision": "bf16", "rows": [row]})
+    assert "bf16" in text.splitlines()[0]
+    assert "bf16" not in format_report({"epsilon": 8 / 255, "attacks": ["clean"], "rows": [row]}).splitlines()[0]

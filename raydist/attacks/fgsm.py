@@ -15,6 +15,7 @@ from raydist.attacks.core import (
     project_linf,
     uniform_noise,
 )
+from raydist.attacks.losses import autocast_for
 
 
 def fgsm_perturb(
@@ -48,8 +49,10 @@ def fgsm(
     random_start: bool = False,
     alpha: float | None = None,
     seed: int | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """FGSM for evaluation: eval mode (restored after), fp32, detached result in the eps-ball.
+    """FGSM for evaluation: eval mode (restored after), fp32 unless ``precision="bf16"``, detached result in
+    the eps-ball.
 
     ``alpha`` defaults to ``eps`` (classic FGSM), or ``1.25 * eps`` with a random start
     (Wong et al.).  ``seed`` makes the random start reproducible without touching global RNG.
@@ -59,4 +62,5 @@ def fgsm(
         alpha = 1.25 * eps if random_start else eps
     with eval_mode(model), full_precision(x.device):
         gen = make_generator(seed, x.device) if random_start else None
-        return fgsm_perturb(model, x, y, eps, alpha, random_start=random_start, generator=gen)
+        return fgsm_perturb(model, x, y, eps, alpha, random_start=random_start, generator=gen,
+                            autocast=autocast_for(precision, x.device))

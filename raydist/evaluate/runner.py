@@ -22,6 +22,8 @@ COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20
            "square": "Square", "aa": "AA"}
 WHITE_BOX = ("fgsm", "pgd10", "pgd20", "pgd50", "cw20", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 SWEEP_ATTACK = "pgd20"
+PRECISIONS = ("fp32", "bf16")
+SETTINGS = "settings.json"  # in parts/: what a --resume must match
 
 
 def _eps_tag(eps: float) -> str:
@@ -91,7 +93,10 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
                    workers: int = 2, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                    shard_size: int = 256, batch_size: int = 256, samples: int | None = None, seed: int = 0,
                    eps_sweep: list[float] | None = None, resume: bool = False, overwrite: bool = False,
-                   data_root: str | None = None, attack_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                   data_root: str | None = None, attack_kwargs: dict[str, Any] | None = None,
+                   precision: str = "fp32") -> dict[str, Any]:
+    """Evaluate ``checkpoints`` under ``attacks`` on the actor pool; returns the report (also written to
+    ``out_dir``). ``precision``: fp32 (default) or bf16 for the attacks' forward and backward passes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -103,6 +108,11 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
 
     out = Path(out_dir).resolve()
     data = check_inputs(checkpoints, attacks, out, resume=resume, overwrite=overwrite)
+    if precision not in PRECISIONS:
+        raise C.ConfigError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    settings = {"seed": seed, "precision": precision}
+    if resume:
+        _check_resume_settings(out, settings)
     if data_root is not None:
         data["root"] = data_root
     paths = [str(Path(p).resolve()) for p in checkpoints]
@@ -113,6 +123,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
         shutil.rmtree(out)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    (parts / SETTINGS).write_text(json.dumps(settings) + "\n")
     sweep = sorted(eps_sweep or [])
     todo = deque(t for t in _tasks(len(paths), attacks, eps, sweep, n, shard_size)
                  if not (parts / _part_name(t)).exists())
@@ -139,7 +150,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
             while todo and idle:
                 actor, task = idle.popleft(), todo.popleft()
                 c, a, e, s0, s1 = task
-                ref = actor.evaluate.remote(paths[c], a, s0, s1, e, batch_size, seed, attack_kwargs)
+                ref = actor.evaluate.remote(paths[c], a, s0, s1, e, batch_size, seed, attack_kwargs, precision)
                 running[ref] = (task, actor)
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
@@ -169,10 +180,22 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    return summarize(out, paths, attacks, eps, sweep)
+    return summarize(out, paths, attacks, eps, sweep, precision)
 
 
-def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep: list[float]) -> dict[str, Any]:
+def _check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A resumed evaluation must draw its remaining shards as the first part drew the rest."""
+    path = out / "parts" / SETTINGS
+    if not path.is_file():  # made before settings were recorded: fp32, whatever seed was given
+        return
+    before = json.loads(path.read_text())
+    for key, value in settings.items():
+        if key in before and before[key] != value:
+            raise C.ConfigError(f"--resume: {out} was evaluated with --{key} {before[key]}, not {value}")
+
+
+def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep: list[float],
+              precision: str = "fp32") -> dict[str, Any]:
     """Merge the parts into samples.parquet and write report.md, report.json and eps_curve.png."""
     import pyarrow.parquet as pq
 
@@ -193,7 +216,7 @@ def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep
                      "clean": clean, "accuracy": acc,
                      "eps_curve": [{"eps": e, "attack": SWEEP_ATTACK, "accuracy": v} for e, v in curve.items()],
                      "flags": sanity_flags(clean, acc, curve)})
-    report = {"epsilon": eps, "attacks": attacks, "rows": rows}
+    report = {"epsilon": eps, "attacks": attacks, "precision": precision, "rows": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report) + "\n")
     if sweep:
@@ -236,7 +259,8 @@ def format_report(report: dict[str, Any]) -> str:
             notes.append(f"- {name}: {SWEEP_ATTACK} accuracy by eps: " + ", ".join(
                 f"{_eps_tag(p['eps']).replace('-', '/')}: {100 * p['accuracy']:.1f}%" for p in r["eps_curve"]))
     eps = report["epsilon"]
-    lines.insert(0, f"Robust accuracy (%) at eps = {_eps_tag(eps).replace('-', '/')} (L-inf)\n")
+    how = "" if report.get("precision", "fp32") == "fp32" else ", attacks run in bf16 autocast"
+    lines.insert(0, f"Robust accuracy (%) at eps = {_eps_tag(eps).replace('-', '/')} (L-inf{how})\n")
     lines.append("\n" + ("\n".join(notes) if notes else "sanity checks: no label leaking or gradient masking signs"))
     return "\n".join(lines)
 
