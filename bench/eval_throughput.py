@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="actors share one GPU (fractional GPUs)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--eps", default="8/255")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated: fp32, bf16 (the attacks' passes; each row says which)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_throughput.json"))
     args = p.parse_args(argv)
 
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     eps = parse_fraction(args.eps, "--eps")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     counts = [int(a) for a in args.actors.split(",")]
+    precisions = [a.strip() for a in args.precision.split(",") if a.strip()]
+    if any(pr not in ("fp32", "bf16") for pr in precisions):
+        print(f"bench: --precision takes fp32 and/or bf16, got {args.precision}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="raydist-bench-"))
     ckpt = (synthetic_checkpoint(work / "synthetic.pt", args.width, args.samples) if args.synthetic
             else Path(args.checkpoint))
@@ -83,19 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         run_evaluation([str(ckpt)], ["clean"], eps, work / "warmup", workers=1, samples=min(32, args.samples),
                        gpus_per_worker=1.0 if args.gpu else 0.0)
         for attack in attacks:
-            for n in counts:
-                out = work / f"{attack}_{n}"
-                shard = max(1, -(-args.samples // (2 * n)))  # two shards per actor: all actors busy, little tail
-                t0 = time.perf_counter()
-                report = run_evaluation([str(ckpt)], [attack], eps, out, workers=n,
-                                        gpus_per_worker=(1.0 / n) if args.gpu else 0.0,
-                                        cpus_per_worker=max(1, cpus // n) if not args.gpu else 1.0,
-                                        shard_size=shard, batch_size=args.batch_size, samples=args.samples)
-                wall = time.perf_counter() - t0
-                n_images = report["rows"][0]["n"]
-                rows.append({"attack": attack, "actors": n, "images": n_images, "seconds": wall,
-                             "images_per_sec": n_images / wall, "accuracy": report["rows"][0]["accuracy"][attack]})
-                shutil.rmtree(out, ignore_errors=True)
+            for precision in precisions:
+                for n in counts:
+                    out = work / f"{attack}_{precision}_{n}"
+                    shard = max(1, -(-args.samples // (2 * n)))  # two shards per actor: all busy, little tail
+                    t0 = time.perf_counter()
+                    report = run_evaluation([str(ckpt)], [attack], eps, out, workers=n,
+                                            gpus_per_worker=(1.0 / n) if args.gpu else 0.0,
+                                            cpus_per_worker=max(1, cpus // n) if not args.gpu else 1.0,
+                                            shard_size=shard, batch_size=args.batch_size, samples=args.samples,
+                                            precision=precision)
+                    wall = time.perf_counter() - t0
+                    n_images = report["rows"][0]["n"]
+                    rows.append({"attack": attack, "precision": precision, "actors": n, "images": n_images,
+                                 "seconds": wall, "images_per_sec": n_images / wall,
+                                 "accuracy": report["rows"][0]["accuracy"][attack]})
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU ({platform.processor() or 'cpu'}, {cpus} cores)"
@@ -105,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{device}, {result['model']}, {args.samples} images, eps {args.eps}")
-    print(f"{'attack':<8} {'actors':>6} {'seconds':>8} {'images/s':>9} {'robust acc':>10}")
+    print(f"{'attack':<8} {'precision':>9} {'actors':>6} {'seconds':>8} {'images/s':>9} {'robust acc':>10}")
     for r in rows:
-        print(f"{r['attack']:<8} {r['actors']:>6} {r['seconds']:>8.1f} {r['images_per_sec']:>9.1f} "
-              f"{100 * r['accuracy']:>9.2f}%")
+        print(f"{r['attack']:<8} {r['precision']:>9} {r['actors']:>6} {r['seconds']:>8.1f} "
+              f"{r['images_per_sec']:>9.1f} {100 * r['accuracy']:>9.2f}%")
     print(f"written: {args.out}")
     return 0
 

@@ -9,8 +9,10 @@ For each method, on the same data, model, batch size, precision and memory forma
 
 Both count training images per second of training time (whole epochs after a warm-up epoch; for raydist the
 `images_per_sec` of metrics.jsonl, which leaves out validation and checkpointing, as the plain loop has none), so
-the ratio is the cost of running the step inside Ray Train. On CUDA both use bf16 autocast and channels_last and
-the plain loop records peak GPU memory.
+the ratio is the cost of running the step inside Ray Train. Both make raydist's hot-path choices (bench/plain.py:
+fused SGD, and on CUDA bf16 autocast, channels_last, cuDNN autotuning and, with --compile auto, torch.compile);
+the plain loop records peak GPU memory. --reference FILE reads the JSON that ../shared/bench/reference_step.py
+wrote in the same session and adds raydist's ratio to that hand-written eager script (the issue's 1.5x target).
 
     python bench/train_throughput.py                                   # CPU: digits, width-16 ResNet-18
     python bench/train_throughput.py --gpu                             # the H100 reference setting below
@@ -32,81 +34,62 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def job_for(method: str, args: argparse.Namespace, out: Path) -> dict:
-    from raydist import config as C
+    from plain import bench_job
 
-    data = ({"dataset": "synthetic", "image_size": 32, "train_size": args.train_size, "test_size": 256,
-             "val_size": 256} if args.gpu else {"dataset": "digits", "val_size": 200})
-    data.update(batch_size=args.batch_size, eval_batch_size=512, crop=4, flip=True)
-    raw = {
-        "run": {"name": method, "output_dir": str(out), "seed": 0, "progress": False},
-        "data": data,
-        "model": {"name": "resnet18", "width": args.width},
-        "method": {"name": method, "epsilon": "8/255"},
-        "optim": {"epochs": args.epochs, "lr": 0.05, "schedule": "cyclic"},
-        "scaling": {"num_workers": 1, "use_gpu": args.gpu, "cpus_per_worker": 1 if args.gpu else args.threads},
-        "eval": {"val_steps": 1, "test_attacks": ["clean"], "test_samples": 64},
-    }
-    return C.validate(raw, name_hint=method)
+    return bench_job(method, gpu=args.gpu, out=out, width=args.width, batch_size=args.batch_size,
+                     epochs=args.epochs, train_size=args.train_size, threads=args.threads, compile_=args.compile,
+                     compile_mode=args.compile_mode)
 
 
 def plain_loop(job: dict, threads: int) -> dict:
     """The method's step in a bare loop, timed over every epoch after the first."""
     import torch
+    from plain import build, sync
 
-    from raydist.config import method_params
-    from raydist.data import DeviceLoader, load_dataset
-    from raydist.methods import create_method
-    from raydist.models import create_model
-    from raydist.train.loop import _autocast, _param_groups
-    from raydist.train.schedules import lr_multiplier
-
-    gpu = job["scaling"]["use_gpu"]
-    device = torch.device("cuda" if gpu else "cpu")
-    if not gpu:
-        torch.set_num_threads(threads)
-    data, ocfg = job["data"], job["optim"]
-    splits = load_dataset(data["dataset"], val_size=data["val_size"], image_size=data["image_size"],
-                          num_classes=data["num_classes"], channels=data["channels"], train_size=data["train_size"],
-                          test_size=data["test_size"])
-    loader = DeviceLoader(splits.train_x, splits.train_y, batch_size=data["batch_size"], shuffle=True,
-                          augment={"crop": data["crop"], "flip": data["flip"]}, seed=0, device=device, rank=0,
-                          world_size=1, channels_last=gpu)
-    torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=splits.num_classes, width=job["model"]["width"],
-                         in_channels=splits.input_size[0], mean=splits.mean, std=splits.std).to(device)
+    p = build(job, threads)
+    gpu = p.device.type == "cuda"
     if gpu:
-        model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
-    optimizer = torch.optim.SGD(_param_groups(model, ocfg["weight_decay"]), lr=ocfg["lr"], momentum=0.9)
-    method = create_method(job["method"]["name"], model, optimizer, epsilon=job["method"]["epsilon"],
-                           autocast=_autocast(device, job["run"]["precision"]), **method_params(job))
-    multiplier = lr_multiplier(ocfg["schedule"], epochs=ocfg["epochs"], steps_per_epoch=len(loader),
-                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, multiplier) for o in [optimizer, *method.extra_optimizers()]]
-    images, seconds = 0, 0.0
-    for epoch in range(ocfg["epochs"]):
-        loader.set_epoch(epoch)
-        model.train()
-        n = torch.zeros((), device=device)
-        if gpu:
-            torch.cuda.synchronize()
+    images, seconds, first = 0, 0.0, 0.0
+    for epoch in range(job["optim"]["epochs"]):
+        p.loader.set_epoch(epoch)
+        p.model.train()
+        n = torch.zeros((), device=p.device)
+        sync(p.device)
         t0 = time.perf_counter()
-        for x, y in loader:
-            loss, logits = method.step(x, y)
-            for s in schedulers:
+        for x, y in p.loader:
+            loss, logits = p.method.step(x, y)
+            for s in p.schedulers:
                 s.step()
             n += y.shape[0]
-        if gpu:
-            torch.cuda.synchronize()
-        if epoch > 0:  # the first epoch pays for warm-up (allocator, cuDNN autotuning, lazy init)
+        sync(p.device)
+        if epoch > 0:  # the first epoch pays for warm-up (allocator, cuDNN autotuning, compiling)
             seconds += time.perf_counter() - t0
             images += int(n.item())
-    out = {"images_per_sec": images / seconds, "images": images, "seconds": seconds}
+        else:
+            first = time.perf_counter() - t0
+    out = {"images_per_sec": images / seconds, "images": images, "seconds": seconds, "first_epoch_seconds": first}
     if gpu:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# reference_step.py's rows (bf16 + channels_last, eager) for each raydist method
+REFERENCE_ROWS = {"fgsm_rs": "fgsm_rs", "fgsm_sdi": "fgsm_sdi_k20", "pgd_at": "pgd10_at", "standard": "clean"}
+
+
+def read_reference(path: str) -> dict[str, float]:
+    """images/s of the hand-written reference loop per raydist method name (its eager bf16 rows)."""
+    rows = json.loads(Path(path).read_text())
+    out = {}
+    for method, name in REFERENCE_ROWS.items():
+        hits = [r for r in rows if r.get("method") == name and r.get("bf16") and not r.get("compile")]
+        if hits:
+            out[method] = float(hits[0]["img_per_s"])
     return out
 
 
@@ -132,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 512 GPU, 128 CPU")
     p.add_argument("--train-size", type=int, default=50000, help="--gpu: synthetic training images")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all cores)")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="run.compile for both (auto: on for CUDA)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    p.add_argument("--reference", default=None, help="reference_step.py's JSON output, run on the same device")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
     import os
@@ -147,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = args.threads or os.cpu_count() or 1
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     work = Path(tempfile.mkdtemp(prefix="raydist-train-bench-"))
+    reference = read_reference(args.reference) if args.reference else {}
     rows = []
     for method in methods:
         job = job_for(method, args, work)
@@ -154,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         ours = raydist_run(job)
         rows.append({"method": method, "plain": plain, "raydist": ours,
                      "ratio": ours["images_per_sec"] / plain["images_per_sec"]})
+        ref = reference.get(method)
+        if ref:
+            rows[-1]["reference_images_per_sec"] = ref
+            rows[-1]["vs_reference"] = ours["images_per_sec"] / ref
         print(f"{method}: plain {plain['images_per_sec']:.0f} img/s, raydist {ours['images_per_sec']:.0f} img/s "
               f"({rows[-1]['ratio']:.3f}x)", flush=True)
     device = (torch.cuda.get_device_name(0) if args.gpu
               else f"CPU ({platform.processor() or 'cpu'}, {args.threads} threads)")
     result = {"device": device, "torch": torch.__version__, "ray": ray.__version__,
-              "model": f"resnet18 width {args.width}", "batch_size": args.batch_size,
+              "model": f"resnet18 width {args.width}", "batch_size": args.batch_size, "compile": args.compile,
+              "compile_mode": args.compile_mode,
               "data": "synthetic 32x32" if args.gpu else "digits 32x32", "epochs_timed": args.epochs - 1,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{device}, {result['model']}, batch {args.batch_size}, {result['data']}, "
           f"{result['epochs_timed']} timed epochs each")
     head = f"{'method':<10} {'plain img/s':>12} {'raydist img/s':>14} {'raydist/plain':>14}"
-    print(head + ("  peak GiB" if args.gpu else ""))
+    print(head + ("  peak GiB" if args.gpu else "") + ("  reference img/s  raydist/reference" if reference else ""))
     for r in rows:
         line = (f"{r['method']:<10} {r['plain']['images_per_sec']:>12.0f} {r['raydist']['images_per_sec']:>14.0f} "
                 f"{r['ratio']:>14.3f}")
         if args.gpu:
             line += f"  {r['plain']['peak_memory_gib']:>8.2f}"
+        if "vs_reference" in r:
+            line += f"  {r['reference_images_per_sec']:>15.0f}  {r['vs_reference']:>17.3f}"
         print(line)
     print(f"written: {args.out}")
     return 0 if all(math.isfinite(r["ratio"]) for r in rows) else 1

@@ -86,3 +86,27 @@ def test_a_compiled_model_trains_like_the_eager_one_without_recompiling_each_ste
     eager, comp = losses[False], losses[True]
     assert all(abs(a - b) < 0.02 * abs(a) for a, b in zip(eager[:3], comp[:3])), (eager, comp)
     assert comp[-1] < comp[0] and eager[-1] < eager[0]
+
+
+@pytest.mark.parametrize("method,kw,model_passes,generator_passes", [
+    ("standard", {}, [1, 1, 1], [0, 0, 0]),
+    ("fgsm_rs", {}, [2, 2, 2], [0, 0, 0]),
+    ("pgd_at", {"steps": 10}, [11, 11, 11], [0, 0, 0]),
+    # FGSM-SDI: sign of ∇x, the FGSM step from x + η, the weight update; every k-th step the generator's
+    # ascent adds its own FGSM step and the forward it differentiates through (the sign is reused)
+    ("fgsm_sdi", {"k": 2, "generator_width": 4}, [5, 3, 5], [2, 1, 2]),
+])
+def test_each_step_makes_only_the_passes_its_algorithm_needs(method, kw, model_passes, generator_passes):
+    model = _model()
+    m = create_method(method, model, torch.optim.SGD(model.parameters(), lr=0.01), epsilon=8 / 255, **kw)
+    counts = {"model": 0, "generator": 0}
+    model.register_forward_hook(lambda *_: counts.__setitem__("model", counts["model"] + 1))
+    if hasattr(m, "generator"):
+        m.generator.register_forward_hook(lambda *_: counts.__setitem__("generator", counts["generator"] + 1))
+    seen = []
+    x, y = _batch(8)
+    for _ in range(3):
+        counts.update(model=0, generator=0)
+        m.step(x, y)
+        seen.append((counts["model"], counts["generator"]))
+    assert seen == list(zip(model_passes, generator_passes))

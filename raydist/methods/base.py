@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.profiler import record_function
 
 AutocastFactory = Callable[[], AbstractContextManager]
 
@@ -113,18 +114,20 @@ class TrainMethod:
         """Build the training example and take one optimizer step on it.
 
         Returns (loss, logits), both detached tensors on the device: no host sync here, the
-        caller decides when to read them.
+        caller decides when to read them. Its phases are named for the profiler (raydist.example,
+        raydist.update, raydist.optimizer; FGSM-SDI adds raydist.generator): bench/profile_step.py.
         """
         self._train_mode()
-        with self.sat.attack():
+        with record_function("raydist.example"), self.sat.attack():
             x_train = self._step_example(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.sat.update():
+        with record_function("raydist.update"), self.sat.update():
             with self.autocast():
                 logits = self.model(x_train)
             loss = self.loss(logits, y)
             loss.backward()
-        self.optimizer.step()
+        with record_function("raydist.optimizer"):
+            self.optimizer.step()
         self.num_steps += 1
         return loss.detach(), logits.detach()
 

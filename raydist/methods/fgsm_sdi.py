@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Adam, Optimizer
+from torch.profiler import record_function
 
 from raydist.attacks.core import input_gradient
 from raydist.methods.base import TrainMethod, fused_optimizer_kwargs
@@ -111,7 +112,8 @@ class FGSMSDI(TrainMethod):
         x = x.detach()
         grad_sign = self._grad_sign(x, y)  # the target has not moved yet: reuse for both
         if self.num_steps % self.k == 0:
-            self._update_generator(x, y, grad_sign)
+            with record_function("raydist.generator"):
+                self._update_generator(x, y, grad_sign)
         return self._example(x, y, grad_sign)
 
     # -- the generator's ascent step ----------------------------------------------------------

@@ -22,8 +22,13 @@ def use_compile(setting: str, device: torch.device) -> bool:
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """``torch.compile`` with ``run.compile_mode`` ("default" leaves torch's own default)."""
-    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+    """``torch.compile`` with ``run.compile_mode`` ("default" leaves torch's own default).
+
+    Static shapes: DeviceLoader's batches come in at most two sizes (N / batches rounded up and down), so two
+    specialised graphs per kind of pass beat one graph with a symbolic batch dimension, and CUDA graphs
+    (reduce-overhead) need static shapes anyway."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    return torch.compile(model, dynamic=False, **kwargs)
 
 
 def setup_device(device: torch.device) -> None:
