@@ -8,6 +8,9 @@ and memory.py.
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,38 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def add_step_args(p: argparse.ArgumentParser, train_size: int) -> None:
+    """The arguments every training-step benchmark takes: methods, device, model width, batch, threads, compile."""
+    p.add_argument("--methods", default="fgsm_rs,fgsm_sdi,pgd_at", help="comma-separated method names")
+    p.add_argument("--gpu", action="store_true", help="CUDA: synthetic CIFAR-sized data, the reference setting")
+    p.add_argument("--width", type=int, default=None, help="ResNet-18 base channels (default: 64 GPU, 16 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 512 GPU, 128 CPU")
+    p.add_argument("--train-size", type=int, default=train_size, help="--gpu: synthetic training images")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="run.compile (auto: on for CUDA)")
+
+
+def resolve_step_args(args: argparse.Namespace, prog: str) -> bool:
+    """Fill the device-dependent defaults; False (after one line on stderr) when --gpu finds no CUDA device."""
+    import torch
+
+    if args.gpu and not torch.cuda.is_available():
+        print(f"{prog}: error: --gpu, but torch sees no CUDA device", file=sys.stderr)
+        return False
+    args.width = args.width or (64 if args.gpu else 16)
+    args.batch_size = args.batch_size or (512 if args.gpu else 128)
+    args.threads = args.threads or os.cpu_count() or 1
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return True
+
+
+def device_name(gpu: bool, threads: int) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.processor() or 'cpu'}, {threads} threads)"
 
 
 def bench_job(method: str, *, gpu: bool, out: Path, width: int, batch_size: int, epochs: int, train_size: int,

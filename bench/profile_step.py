@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own start/stop lines
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import ROOT, bench_job, build, sync  # noqa: E402
+from plain import ROOT, add_step_args, bench_job, build, device_name, resolve_step_args, sync  # noqa: E402
 
 PHASES = ("raydist.example", "raydist.generator", "raydist.update", "raydist.optimizer")
 
@@ -106,33 +105,22 @@ def profile_method(method: str, args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="fgsm_rs,fgsm_sdi,pgd_at", help="comma-separated method names")
-    p.add_argument("--gpu", action="store_true", help="CUDA: synthetic CIFAR-sized data, the reference setting")
+    add_step_args(p, train_size=8192)
     p.add_argument("--steps", type=int, default=20,
                    help="steps timed, then as many profiled (FGSM-SDI: a multiple of k holds its share of "
                         "generator updates)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--width", type=int, default=None, help="ResNet-18 base channels (default: 64 GPU, 16 CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 512 GPU, 128 CPU")
-    p.add_argument("--train-size", type=int, default=8192, help="--gpu: synthetic training images")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"), help="run.compile")
     p.add_argument("--top", type=int, default=8, help="operators listed per method")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile.json"))
     args = p.parse_args(argv)
+    if not resolve_step_args(args, "profile_step"):
+        return 2
     import torch
 
-    if args.gpu and not torch.cuda.is_available():
-        print("profile_step: error: --gpu, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    args.width = args.width or (64 if args.gpu else 16)
-    args.batch_size = args.batch_size or (512 if args.gpu else 128)
-    args.threads = args.threads or os.cpu_count() or 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="raydist-profile-"))
-    rows = [profile_method(m.strip(), args, work) for m in args.methods.split(",") if m.strip()]
-    device = (torch.cuda.get_device_name(0) if args.gpu
-              else f"CPU ({platform.processor() or 'cpu'}, {args.threads} threads)")
+    rows = [profile_method(m, args, work) for m in args.methods]
+    device = device_name(args.gpu, args.threads)
     result = {"device": device, "torch": torch.__version__, "model": f"resnet18 width {args.width}",
               "batch_size": args.batch_size, "compile": args.compile, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -35,11 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain import add_step_args, bench_job, build, device_name, resolve_step_args, sync  # noqa: E402
 
 
 def job_for(method: str, args: argparse.Namespace, out: Path) -> dict:
-    from plain import bench_job
-
     return bench_job(method, gpu=args.gpu, out=out, width=args.width, batch_size=args.batch_size,
                      epochs=args.epochs, train_size=args.train_size, threads=args.threads, compile_=args.compile,
                      compile_mode=args.compile_mode)
@@ -48,8 +46,6 @@ def job_for(method: str, args: argparse.Namespace, out: Path) -> dict:
 def plain_loop(job: dict, threads: int) -> dict:
     """The method's step in a bare loop, timed over every epoch after the first."""
     import torch
-    from plain import build, sync
-
     p = build(job, threads)
     gpu = p.device.type == "cuda"
     if gpu:
@@ -108,32 +104,19 @@ def raydist_run(job: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="fgsm_rs,fgsm_sdi,pgd_at", help="comma-separated method names")
-    p.add_argument("--gpu", action="store_true", help="CUDA: synthetic CIFAR-sized data, the reference setting")
+    add_step_args(p, train_size=50000)
     p.add_argument("--epochs", type=int, default=3, help="epochs per run, the first one untimed")
-    p.add_argument("--width", type=int, default=None, help="ResNet-18 base channels (default: 64 GPU, 16 CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 512 GPU, 128 CPU")
-    p.add_argument("--train-size", type=int, default=50000, help="--gpu: synthetic training images")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all cores)")
-    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
-                   help="run.compile for both (auto: on for CUDA)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     p.add_argument("--reference", default=None, help="reference_step.py's JSON output, run on the same device")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
-    import os
-
+    if not resolve_step_args(args, "train_throughput"):
+        return 2
     import ray
     import torch
 
-    if args.gpu and not torch.cuda.is_available():
-        print("train_throughput: error: --gpu, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    args.width = args.width or (64 if args.gpu else 16)
-    args.batch_size = args.batch_size or (512 if args.gpu else 128)
-    args.threads = args.threads or os.cpu_count() or 1
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     work = Path(tempfile.mkdtemp(prefix="raydist-train-bench-"))
     reference = read_reference(args.reference) if args.reference else {}
     rows = []
@@ -149,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["vs_reference"] = ours["images_per_sec"] / ref
         print(f"{method}: plain {plain['images_per_sec']:.0f} img/s, raydist {ours['images_per_sec']:.0f} img/s "
               f"({rows[-1]['ratio']:.3f}x)", flush=True)
-    device = (torch.cuda.get_device_name(0) if args.gpu
-              else f"CPU ({platform.processor() or 'cpu'}, {args.threads} threads)")
+    device = device_name(args.gpu, args.threads)
     result = {"device": device, "torch": torch.__version__, "ray": ray.__version__,
               "model": f"resnet18 width {args.width}", "batch_size": args.batch_size, "compile": args.compile,
               "compile_mode": args.compile_mode,

@@ -131,17 +131,38 @@ def test_eval_report_samples_resume_and_a_killed_actor(tmp_path, checkpoint, cap
     ray.get([])  # the session's Ray is still usable
 
 
-def test_bf16_attacks_are_judged_in_fp32_and_match_fp32_ones(checkpoint):
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """Four epochs of standard training: a model that is right on most digits and that PGD at 8/255 moves
+    (the one-epoch FGSM-RS fixture above can end near chance, where no attack has anything to break)."""
+    torch.manual_seed(0)
+    splits = load_dataset("digits")
+    model = create_model("resnet18", num_classes=10, width=8, mean=splits.mean, std=splits.std)
+    method = create_method("standard", model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), epsilon=0)
+    loader = DeviceLoader(splits.train_x, splits.train_y, batch_size=64, shuffle=True, augment={"crop": 2})
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            method.step(x, y)
+    spec = model_spec_for("resnet18", 10, "relu", 3, [3, 32, 32], list(splits.mean), list(splits.std), width=8)
+    path = tmp_path_factory.mktemp("trained") / "best.pt"
+    save_checkpoint(path, model, model_spec=spec, epsilon=8 / 255, method="standard", dataset="digits",
+                    data={"dataset": "digits"}, epoch=4)
+    return path
+
+
+def test_bf16_attacks_are_judged_in_fp32_and_match_fp32_ones(trained_checkpoint):
     """--precision bf16 runs the attack's passes in bf16 autocast; on this model it finds the same robust
-    accuracy as fp32 within a few points (the measurement README's Evaluation section quotes at full size)."""
+    accuracy as fp32 within a few points (README's Evaluation section has the per-sample comparison at full size)."""
     from raydist.evaluate.actors import EvalWorker
 
     worker = EvalWorker({"dataset": "digits"}, use_gpu=False, threads=1)
-    path = str(checkpoint / "best.pt")
-    out = {p: worker.evaluate(path, "pgd10", 0, 128, EPS, 64, 0, None, p) for p in ("fp32", "bf16")}
+    out = {p: worker.evaluate(str(trained_checkpoint), "pgd10", 0, 128, 8 / 255, 64, 0, None, p)
+           for p in ("fp32", "bf16")}
     assert (out["fp32"]["clean_pred"] == out["bf16"]["clean_pred"]).all()  # the clean judgement is fp32
+    clean = float((out["fp32"]["clean_pred"] == out["fp32"]["label"]).mean())
     acc = {p: float(o["robust"].mean()) for p, o in out.items()}
-    assert acc["fp32"] < float((out["fp32"]["clean_pred"] == out["fp32"]["label"]).mean())  # the attack bites
+    assert clean > 0.6 and acc["fp32"] < clean - 0.1, (clean, acc)  # the attack has something to break
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.05, acc
 
 
