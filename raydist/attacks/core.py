@@ -23,6 +23,22 @@ def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": _ce_sum}
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad for the duration (and are restored after), so a pass whose backward only
+    wants ∇ₓ builds no graph for the weights. Eager autograd would skip the weight gradients of such a pass
+    anyway; a torch.compile'd model would not (its compiled backward computes every gradient its graph was
+    traced with), so without this every attack step of a compiled model also paid for a weight gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def input_gradient(
     model: nn.Module,
     x: torch.Tensor,
@@ -32,14 +48,15 @@ def input_gradient(
 ) -> torch.Tensor:
     """∇ₓ loss(model(x), y), leaving the model's mode and parameter ``.grad`` untouched.
 
-    ``torch.autograd.grad`` with respect to the input only, so no weight gradients are
-    accumulated and a training method can call this between its own zero_grad and backward.
+    ``torch.autograd.grad`` with respect to the input only, the parameters frozen meanwhile
+    (:func:`frozen_parameters`), so no weight gradients are computed or accumulated and a training
+    method can call this between its own zero_grad and backward.
     Works under an outer ``torch.no_grad()`` (evaluators often are).  ``autocast`` is a
     zero-arg callable returning a context manager for the forward pass; the loss is in fp32.
     """
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen_parameters(model):
         with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(x)
         value = loss_fn(logits, y)

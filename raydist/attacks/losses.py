@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydist.attacks.core import AutocastFactory
+from raydist.attacks.core import AutocastFactory, frozen_parameters
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -103,7 +103,7 @@ def loss_and_grad(
 
     Gradient with respect to the input only (no weight ``.grad``), and valid under an outer ``no_grad``."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen_parameters(model):
         with _autocast(autocast):
             logits = model(x)
         logits = logits.float()

@@ -5,7 +5,7 @@ What they decide, and why:
   as one fused kernel per step instead of foreach kernels over every parameter.
 - ``use_compile``: ``run.compile: auto`` compiles on CUDA, where fewer, fused kernels pay back the compile in
   the first epoch (the reference loop on an H100: FGSM-SDI 16k -> 20k images/s), and not on CPU, where a cold
-  compile cost 23 s on two cores against a step 7-16% faster (bench/profile_step.py --compile true): a
+  compile cost 16-23 s on two cores against a step 8-27% faster (bench/profile_step.py --compile true): a
   minute-long CPU run never earns it back.
 - ``setup_device``: cuDNN autotuning, since every training batch but the last has the same shape. TF32 stays
   off: the validation and test attacks are fp32 on purpose (reduced precision can weaken an attack).
