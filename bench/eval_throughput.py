@@ -16,7 +16,6 @@ still robust), so time it on a trained checkpoint. Writes a JSON file and prints
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain import write_result  # noqa: E402
 
 
 def synthetic_checkpoint(path: Path, width: int, samples: int) -> Path:
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from raydist.attacks.losses import PRECISIONS
     from raydist.config import parse_fraction
     from raydist.evaluate.runner import run_evaluation
 
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     counts = [int(a) for a in args.actors.split(",")]
     precisions = [a.strip() for a in args.precision.split(",") if a.strip()]
-    if any(pr not in ("fp32", "bf16") for pr in precisions):
-        print(f"bench: --precision takes fp32 and/or bf16, got {args.precision}", file=sys.stderr)
+    if any(pr not in PRECISIONS for pr in precisions):
+        print(f"bench: --precision takes {' and/or '.join(PRECISIONS)}, got {args.precision}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="raydist-bench-"))
     ckpt = (synthetic_checkpoint(work / "synthetic.pt", args.width, args.samples) if args.synthetic
@@ -111,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": device, "torch": torch.__version__, "ray": ray.__version__,
               "model": f"resnet18 width {args.width} (synthetic)" if args.synthetic else str(ckpt),
               "batch_size": args.batch_size, "eps": eps, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{device}, {result['model']}, {args.samples} images, eps {args.eps}")
     print(f"{'attack':<8} {'precision':>9} {'actors':>6} {'seconds':>8} {'images/s':>9} {'robust acc':>10}")
     for r in rows:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import ROOT, bench_job, build  # noqa: E402
+from plain import ROOT, bench_job, build, write_result  # noqa: E402
 
 INPUT = {"efficientnet_b0": 224}  # everything else here is a 32x32 model
 DEFAULT_BATCH = {"efficientnet_b0": 128}
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     result = {"device": torch.cuda.get_device_name(0), "device_gib": total, "torch": torch.__version__,
               "precision": "bf16 autocast, channels_last, eager", "rows": rows, "largest_batch": largest}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{result['device']} ({total:.0f} GiB)")
     for model, r in largest.items():
         print(f"{model}: largest {r['method']} batch {r['largest_batch']} ({r['peak_gib']:.1f} GiB peak)")

@@ -87,7 +87,7 @@ class Plain:
     compiled: bool
 
 
-def build(job: dict[str, Any], threads: int = 1, *, data_splits: Any = None) -> Plain:
+def build(job: dict[str, Any], threads: int = 1) -> Plain:
     """Data on the device, the model, its optimizer and the method, as loop.py builds them."""
     import torch
 
@@ -106,7 +106,7 @@ def build(job: dict[str, Any], threads: int = 1, *, data_splits: Any = None) -> 
         torch.set_num_threads(threads)
     setup_device(device)
     data, ocfg, mcfg = job["data"], job["optim"], job["model"]
-    splits = data_splits or load_dataset(
+    splits = load_dataset(
         data["dataset"], val_size=data["val_size"], image_size=data["image_size"], num_classes=data["num_classes"],
         channels=data["channels"], train_size=data["train_size"], test_size=data["test_size"])
     loader = DeviceLoader(splits.train_x, splits.train_y, batch_size=data["batch_size"], shuffle=True,
@@ -129,6 +129,14 @@ def build(job: dict[str, Any], threads: int = 1, *, data_splits: Any = None) -> 
                                milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, multiplier) for o in [optimizer, *method.extra_optimizers()]]
     return Plain(device, loader, model, method, schedulers, compiled)
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """A benchmark's JSON, written atomically (raydist's own artifact writer), its folder made if missing."""
+    from raydist.train.artifacts import write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(path), result)
 
 
 def sync(device: Any) -> None:

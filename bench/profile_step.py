@@ -17,7 +17,6 @@ chrome://tracing or Perfetto).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,25 +25,24 @@ from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own start/stop lines
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import ROOT, add_step_args, bench_job, build, device_name, resolve_step_args, sync  # noqa: E402
+from plain import ROOT, add_step_args, bench_job, build, device_name, resolve_step_args, sync, write_result  # noqa: E402
 
 PHASES = ("raydist.example", "raydist.generator", "raydist.update", "raydist.optimizer")
 
 
+def _micros(evt, *names: str) -> float:
+    """The first of ``names`` a profiler event average has, in microseconds (device-time attributes were
+    renamed from cuda_* to device_* across torch versions)."""
+    return next((float(getattr(evt, n)) for n in names if hasattr(evt, n)), 0.0)
+
+
 def _device_time(evt) -> float:
-    """Microseconds of device time of a profiler event average (the attribute's name changed across torch)."""
-    for name in ("device_time_total", "cuda_time_total"):
-        if hasattr(evt, name):
-            return float(getattr(evt, name))
-    return 0.0
+    return _micros(evt, "device_time_total", "cuda_time_total")
 
 
 def _self_time(evt, gpu: bool) -> float:
     if gpu:
-        for name in ("self_device_time_total", "self_cuda_time_total"):
-            if hasattr(evt, name):
-                return float(getattr(evt, name))
-        return 0.0
+        return _micros(evt, "self_device_time_total", "self_cuda_time_total")
     return float(evt.self_cpu_time_total)
 
 
@@ -123,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     device = device_name(args.gpu, args.threads)
     result = {"device": device, "torch": torch.__version__, "model": f"resnet18 width {args.width}",
               "batch_size": args.batch_size, "compile": args.compile, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     kind = "device" if args.gpu else "CPU"
     print(f"{device}, {result['model']}, batch {args.batch_size}, compile {args.compile}; shares of {kind} time")
     for r in rows:

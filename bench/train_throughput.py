@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import add_step_args, bench_job, build, device_name, resolve_step_args, sync  # noqa: E402
+from plain import add_step_args, bench_job, build, device_name, resolve_step_args, sync, write_result  # noqa: E402
 
 
 def job_for(method: str, args: argparse.Namespace, out: Path) -> dict:
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               "compile_mode": args.compile_mode,
               "data": "synthetic 32x32" if args.gpu else "digits 32x32", "epochs_timed": args.epochs - 1,
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{device}, {result['model']}, batch {args.batch_size}, {result['data']}, "
           f"{result['epochs_timed']} timed epochs each")
     head = f"{'method':<10} {'plain img/s':>12} {'raydist img/s':>14} {'raydist/plain':>14}"

@@ -18,6 +18,7 @@ class EvalWorker:
 
     def __init__(self, data: dict[str, Any], use_gpu: bool, threads: int = 1) -> None:
         from raydist.data import load_dataset
+        from raydist.train.speed import setup_device
 
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
@@ -26,8 +27,7 @@ class EvalWorker:
         self.x, self.y = splits.test_x, splits.test_y
         self.models: dict[str, torch.nn.Module] = {}
         self.channels_last = self.device.type == "cuda"  # faster convolutions on CUDA; same numbers
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # every batch but a shard's last has the same shape
+        setup_device(self.device)  # cuDNN autotuning: every batch but a shard's last has the same shape
 
     def _model(self, path: str) -> torch.nn.Module:
         if path not in self.models:

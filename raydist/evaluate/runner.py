@@ -22,7 +22,6 @@ COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20
            "square": "Square", "aa": "AA"}
 WHITE_BOX = ("fgsm", "pgd10", "pgd20", "pgd50", "cw20", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 SWEEP_ATTACK = "pgd20"
-PRECISIONS = ("fp32", "bf16")
 SETTINGS = "settings.json"  # in parts/: what a --resume must match
 
 
@@ -107,6 +106,8 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     from raydist.train.driver import ensure_ray
 
     out = Path(out_dir).resolve()
+    from raydist.attacks.losses import PRECISIONS
+
     data = check_inputs(checkpoints, attacks, out, resume=resume, overwrite=overwrite)
     if precision not in PRECISIONS:
         raise C.ConfigError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
