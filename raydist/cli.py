@@ -208,15 +208,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sweep = [C.parse_fraction(e, "--eps-sweep") for e in args.eps_sweep.split(",")] if args.eps_sweep else []
     eps = C.parse_fraction(args.eps, "--eps") if args.eps is not None else None
     if eps is None:
-        import torch
+        from raydist.models.checkpoint import CheckpointError, read_checkpoint
 
         first = Path(args.checkpoints[0])
-        if not first.is_file():
-            raise ConfigError(f"checkpoint not found: {first}")
         try:
-            eps = float(torch.load(first, map_location="cpu", weights_only=False)["epsilon"])
-        except Exception:  # noqa: BLE001
-            raise ConfigError(f"{first}: no epsilon recorded; pass --eps") from None
+            recorded = read_checkpoint(first).get("epsilon")
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        if not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+            raise ConfigError(f"{first}: no epsilon recorded; pass --eps")
+        eps = float(recorded)
     out = Path(args.out) if args.out else Path(args.checkpoints[0]).resolve().parent / "eval"
     from raydist.evaluate.runner import run_evaluation
 

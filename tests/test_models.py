@@ -20,6 +20,7 @@ from raydist.models import (
     unwrap_model,
 )
 from raydist.models import registry as registry_mod
+from raydist.models.checkpoint import CheckpointError
 from raydist.models.registry import Normalize
 
 SMALL = {"width": 8}
@@ -182,7 +183,7 @@ def test_checkpoint_strips_wrapper_prefixes(tmp_path):
 
 def test_checkpoint_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match=f"checkpoint not found: {missing}"):
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {missing}"):
         load_checkpoint(missing)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")

@@ -112,7 +112,7 @@ def test_two_worker_ddp_training_and_in_process_mode(tmp_path):
     assert (run_dir / "summary.json").is_file()
     (row,) = _rows(run_dir)
     assert row["train_loss"] > 0 and 0 <= row["val_clean_acc"] <= 1
-    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["state_dict"])
     model, _ = load_checkpoint(run_dir / "last.pt")
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

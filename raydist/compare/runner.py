@@ -287,9 +287,9 @@ def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> di
 
 
 def _last_saved_epoch(last: Path) -> int:
-    import torch
+    from raydist.models.checkpoint import read_checkpoint
 
-    return int(torch.load(last, map_location="cpu", weights_only=False)["train_state"]["epoch"])
+    return int(read_checkpoint(last, require=("train_state",))["train_state"]["epoch"])
 
 
 def _fmt_resources(res: dict[str, float]) -> str:
@@ -335,9 +335,9 @@ class _OnlyHeadlines(io.TextIOBase):
 
 
 def _checkpoint_epoch(path: str) -> int:
-    import torch
+    from raydist.models.checkpoint import read_checkpoint
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    return int(read_checkpoint(path, require=("epoch",))["epoch"])
 
 
 def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: int | None) -> dict[str, Any]:

@@ -38,9 +38,8 @@ def _column_order(attack: str) -> int:
 def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, resume: bool,
                  overwrite: bool) -> dict[str, Any]:
     """Everything a user typed, checked before Ray starts; returns the data section the actors load."""
-    import torch
-
     from raydist.attacks import get_attack
+    from raydist.models.checkpoint import CheckpointError, read_checkpoint
 
     if not checkpoints:
         raise C.ConfigError("give at least one checkpoint")
@@ -52,14 +51,10 @@ def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, r
     data = None
     for path in checkpoints:
         p = Path(path)
-        if not p.is_file():
-            raise C.ConfigError(f"checkpoint not found: {p}")
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same mistake for the user
-            raise C.ConfigError(f"cannot read checkpoint {p}: {type(err).__name__}") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "raydist/1":
-            raise C.ConfigError(f"{p} is not a raydist checkpoint")
+            ckpt = read_checkpoint(p)
+        except CheckpointError as err:
+            raise C.ConfigError(str(err)) from None
         this = ckpt.get("data") or {"dataset": ckpt.get("dataset", "digits")}
         if data is not None and this != data:
             raise C.ConfigError(f"{p} was trained on {this.get('dataset')} with other data settings than "

@@ -9,6 +9,7 @@ the weights of the *unwrapped* model — no DDP ``module.`` or ``torch.compile``
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,7 +21,13 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "load_checkpoint", "model_spec_for", "save_checkpoint", "unwrap_model"]
+__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "model_spec_for", "read_checkpoint", "save_checkpoint",
+           "unwrap_model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, a directory, empty, truncated, not a raydist checkpoint, or one
+    whose unpickling would run code. The message is one line naming the file."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -79,24 +86,61 @@ def save_checkpoint(
     return path
 
 
+def _unsafe_global(err: BaseException) -> str | None:
+    """The module.name a refused pickle asked to import (torch's weights_only unpickler names it)."""
+    import re
+
+    found = re.search(r"unsupported (?:global:\s*)?GLOBAL ([\w.]+)", str(err), re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    require: tuple[str, ...] = ()) -> dict:
+    """The content of a raydist checkpoint, read without running code.
+
+    Always ``torch.load(weights_only=True)``: a checkpoint is tensors and plain data (the training state of
+    ``last.pt`` included), so a file that asks the unpickler for anything else (a function to call, a class to
+    build) is refused before it can run — a checkpoint downloaded from the internet is data, never a program.
+    Every way a file can be unusable is a :class:`CheckpointError` with one line naming it; ``require`` names
+    top-level keys the caller needs (e.g. ``train_state`` for ``--resume``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        bad = _unsafe_global(err)
+        if bad:
+            raise CheckpointError(f"refused to load {path}: reading it would import {bad}, and a raydist checkpoint "
+                                  "holds only tensors and plain data (loading it could run code)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file, or corrupted") from None
+    except Exception as err:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file; all are this
+        what = ("truncated or corrupted" if isinstance(err, (RuntimeError, EOFError))
+                else "not a PyTorch file, or corrupted")
+        raise CheckpointError(f"cannot read checkpoint {path}: {what} ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a raydist checkpoint (expected format {FORMAT!r}, found {found!r})")
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from the checkpoint's spec, load its weights, and return it in eval
     mode on ``device`` together with the whole checkpoint dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a readable checkpoint"
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a raydist checkpoint (expected format {FORMAT!r}, found {found!r})")
+    ckpt = read_checkpoint(path, map_location=device)
     spec = ckpt.get("model")
     missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
     if missing or "state_dict" not in ckpt:
         what = f"model spec lacks {missing}" if missing else "no state_dict"
-        raise ValueError(f"checkpoint {path} is incomplete: {what}")
+        raise CheckpointError(f"checkpoint {path} is incomplete: {what}")
     try:
         model = create_model(
             spec["name"],
@@ -109,5 +153,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         )
         model.load_state_dict(ckpt["state_dict"])
     except (ValueError, RuntimeError, TypeError) as e:
-        raise ValueError(f"checkpoint {path} does not match its model spec: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not match its model spec: {first}") from e
     return model.to(device).eval(), ckpt

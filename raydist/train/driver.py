@@ -69,14 +69,12 @@ def create_run_dir(cfg: dict[str, Any], *, overwrite: bool = False) -> Path:
 
 
 def _check_loadable(path: Path) -> None:
-    import torch
+    from raydist.models.checkpoint import CheckpointError, read_checkpoint
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing mistake
-        raise C.ConfigError(f"--resume: cannot read checkpoint {path}: {type(err).__name__}") from None
-    if not isinstance(ckpt, dict) or "train_state" not in ckpt:
-        raise C.ConfigError(f"--resume: {path} is not a raydist training checkpoint")
+        read_checkpoint(path, require=("train_state", "state_dict"))
+    except CheckpointError as err:
+        raise C.ConfigError(f"--resume: {err}") from None
 
 
 def ensure_ray(cfg: dict[str, Any] | None = None) -> None:

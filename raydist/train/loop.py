@@ -29,6 +29,7 @@ from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
+from raydist.models.checkpoint import read_checkpoint
 from raydist.train import artifacts
 from raydist.train.schedules import lr_multiplier
 from raydist.train.speed import compile_model, setup_device, use_compile
@@ -71,18 +72,17 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _load_resume_state(resume: str | None, session) -> tuple[dict | None, dict | None]:
     """Training state and best weights: from Ray's checkpoint after a worker restart, else from --resume."""
+    def read(last_path: Path) -> tuple[dict, dict | None]:
+        best_path = last_path.with_name(BEST)
+        best = read_checkpoint(best_path) if best_path.exists() else None
+        return read_checkpoint(last_path, require=("train_state", "state_dict")), best
+
     ckpt = session.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            last = torch.load(Path(d) / LAST, map_location="cpu", weights_only=False)
-            best_path = Path(d) / BEST
-            best = torch.load(best_path, map_location="cpu", weights_only=False) if best_path.exists() else None
-        return last, best
+            return read(Path(d) / LAST)
     if resume:
-        last = torch.load(resume, map_location="cpu", weights_only=False)
-        best_path = Path(resume).with_name(BEST)
-        best = torch.load(best_path, map_location="cpu", weights_only=False) if best_path.exists() else None
-        return last, best
+        return read(Path(resume))
     return None, None
 
 
