@@ -157,8 +157,8 @@ def _failure_exits_1(what: str, work: Callable[[], Any], *, root_cause: bool = F
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - report any failure in one line, exit 1
-        while root_cause and err.__cause__ is not None:
-            err = err.__cause__
+        while root_cause and (err.__cause__ is not None or getattr(err, "controller_failure", None) is not None):
+            err = err.__cause__ if err.__cause__ is not None else err.controller_failure  # Ray Train's wrapper
         print(f"raydist: {what} failed: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
         return 1
     return 0

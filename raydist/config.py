@@ -119,7 +119,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "precision": Field("str", "auto", choices=("auto", "bf16", "fp32"),
                            help="auto: bf16 autocast on CUDA, fp32 on CPU"),
         "channels_last": Field("str", "auto", choices=("auto", "true", "false"),
-                               help="auto: on for CUDA"),
+                               help="auto: on for CUDA; true needs CUDA workers (on CPU a oneDNN kernel hangs on "
+                                    "channels-last tensors)"),
         "compile": Field("str", "auto", choices=("auto", "true", "false"),
                          help="torch.compile the model; auto: on for CUDA (where it pays), off on CPU (where "
                               "compiling costs more than a short run saves)"),
@@ -127,7 +128,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                                          "max-autotune-no-cudagraphs"),
                               help="torch.compile mode; reduce-overhead replays the step's kernels as CUDA graphs"),
         "max_failures": Field("int", 0, min=-1, help="worker-group restarts Ray Train may make (-1: no limit)"),
+        "resource_wait_s": Field("float", 1800.0, nullable=True, min=0, min_exclusive=True,
+                                 help="how long a run (or a sweep's trials) may wait for the CPUs/GPUs its workers "
+                                      "ask for before it fails saying so; null: wait for ever (e.g. for an "
+                                      "autoscaler)"),
         "progress": Field("bool", True, help="print a progress line per epoch"),
+        "stall_warning_s": Field("float", 600.0, nullable=True, min=0, min_exclusive=True,
+                                 help="warn (naming the epoch, step and code) when no training or validation step "
+                                      "has finished for this long; null: never"),
+        "stall_timeout_s": Field("float", None, nullable=True, min=0, min_exclusive=True,
+                                 help="end a worker whose step has not finished for this long, so Ray Train "
+                                      "restarts the group from its last checkpoint (run.max_failures) or fails "
+                                      "the run; default: wait"),
     },
     "data": {
         "dataset": Field("str", "digits", choices=_datasets, help="digits ships with scikit-learn"),
@@ -372,8 +384,11 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
     multistep = cfg["optim"]["schedule"] == "multistep"
     if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
         raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
-    if not cfg["scaling"]["use_gpu"] and cfg["run"]["precision"] == "bf16":
-        pass  # bf16 on CPU is allowed (autocast cpu); slow but legal
+    from raydist.train.speed import channels_last_problem
+
+    problem = channels_last_problem(cfg["run"]["channels_last"], cfg["scaling"]["use_gpu"])
+    if problem:
+        raise ConfigError(problem)
     if _CHECK_FILES:
         _check_data(cfg["data"])
     _check_model(cfg)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,33 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
+BACKSTOP_GRACE_S = float(os.environ.get("RAYDIST_TEST_BACKSTOP_GRACE_S", 120))
+_STDERR: dict[str, object] = {}
+
+
+def pytest_configure(config):
+    # a copy of the real stderr, taken while output capture is off, for the backstop's stack dump
+    _STDERR["file"] = os.fdopen(os.dup(sys.__stderr__.fileno()), "w")
+
+
+def _limit(item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getini("timeout") or 300)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The backstop behind pytest-timeout: a test stuck in native code (where its SIGALRM never reaches Python)
+    is ended here, with every thread's stack, BACKSTOP_GRACE_S after its limit; the session fails, CI does not
+    stall."""
+    out = _STDERR.get("file") or sys.__stderr__
+    faulthandler.dump_traceback_later(_limit(item) + BACKSTOP_GRACE_S, exit=True, file=out)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +48,12 @@ def ray_session():
     """A single local Ray instance (2 CPUs, small object store) shared by every test that needs Ray."""
     import ray
 
+    from raydist.train.driver import start_local_ray
+
     if not ray.is_initialized():
-        # "local": our own instance even when another test has a `ray start` cluster up on this machine
-        ray.init(address="local", num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
-                 logging_level="warning", log_to_driver=True)
+        # our own instance, as raydist starts it, even when another test has a `ray start` cluster up on this machine
+        start_local_ray(num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024 * 1024,
+                        logging_level="warning", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -169,3 +169,25 @@ def test_resume_finishes_only_the_remaining_trials(tmp_path, ray_session):
     assert len(rows) == 2 and all(r["state"] == "completed" for r in rows)
     for name, mtime in finished.items():  # finished trials were not trained again
         assert (d / "trials" / name / "last.pt").stat().st_mtime == mtime
+
+
+def test_a_sweep_whose_trials_wait_for_resources_too_long_fails_saying_so(monkeypatch):
+    """Tune would hold PENDING trials for ever; past run.resource_wait_s the sweep stops with a line saying why."""
+    import types
+
+    import ray
+
+    from raydist.tune.runner import _resource_watch
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.5})
+    watch = _resource_watch(0.2, {"CPU": 1.0})
+    pending, running = types.SimpleNamespace(status="PENDING"), types.SimpleNamespace(status="RUNNING")
+    watch.on_step_begin(0, [pending, running])  # a trial runs: waiting behind it is fine
+    time.sleep(0.3)
+    watch.on_step_begin(1, [pending, running])
+    watch.on_step_begin(2, [pending])  # nothing runs: the clock starts
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError, match=r"1 trial\(s\) waited 0 s for the resources each asks for \(1 CPU\) "
+                                           r"while no trial ran; free now: 0.5 CPU"):
+        watch.on_step_begin(3, [pending])
+    assert _resource_watch(None, {"CPU": 1.0}).on_step_begin(0, [pending]) is None  # null: wait for ever

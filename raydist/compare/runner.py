@@ -155,9 +155,9 @@ def plan_evals(spec: dict[str, Any], actions: list[str], *, overwrite: bool) -> 
 # -- training --------------------------------------------------------------------------------------------------
 def _train_one(job: dict[str, Any], resume: str | None) -> None:
     """A Ray task: drive one Ray Train run (its workers ask for their own CPUs/GPUs) without the final test."""
-    from raydist.train.driver import build_trainer
+    from raydist.train.driver import build_trainer, fit
 
-    build_trainer(job, resume, final_test=False).fit()
+    fit(build_trainer(job, resume, final_test=False), job)
 
 
 def _need(job: dict[str, Any]) -> dict[str, float]:

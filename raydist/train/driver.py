@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -90,8 +91,53 @@ def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
-        ray.init(address="local", include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
-                 logging_level="warning")
+        start_local_ray(include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
+                        logging_level="warning")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_ray(**init_kwargs: Any) -> str:
+    """Start a local Ray that every Ray process of the run finds; returns its GCS address.
+
+    Ray components that look a cluster up by themselves (Ray Train's placement-group cleaner, the state API
+    behind it) read RAY_ADDRESS, else the file ``ray_current_cluster`` in Ray's temp directory, which names the
+    last ``ray start`` head on the machine: a dead one (a terminal killed without ``ray stop``) made the cleaner
+    time out and die, leaking each finished sweep trial's placement group until the next trials waited forever
+    for CPUs; a live foreign one answered that the controller did not exist, so the cleaner removed a running
+    trial's placement group. So the GCS port is chosen here and the raylet (and through it every worker, actor
+    and agent) is started with RAY_ADDRESS naming this instance; the driver's own environment is left as it
+    was (RAY_ADDRESS there means "a cluster the user named")."""
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    last_error: Exception | None = None
+    for _ in range(3):  # a port taken between the probe and the GCS binding it: try another
+        port = _free_port()
+        address = f"{get_node_ip_address()}:{port}"
+        os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
+        try:
+            ray.init(address="local", **init_kwargs)
+            break
+        except (ConnectionError, RuntimeError) as err:
+            last_error = err
+            ray.shutdown()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    else:
+        raise RuntimeError(f"could not start a local Ray: {last_error}")
+    return ray.get_runtime_context().gcs_address
 
 
 def check_resources(cfg: dict[str, Any]) -> None:
@@ -149,6 +195,39 @@ def streamed_datasets(cfg: dict[str, Any]) -> dict[str, Any] | None:
             "val": image_dataset(path, "val", image_size=size), "test": test}
 
 
+def startup_retries(wait_s: float | None) -> int:
+    """Ray Train's ``controller_failure_limit`` for ``run.resource_wait_s``: each attempt to start the worker group
+    waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) for its placement group, then is retried; by
+    default without end, which on a busy or broken cluster is a run that waits in silence for ever."""
+    if wait_s is None:
+        return -1
+    per_attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, math.ceil(wait_s / per_attempt))
+
+
+def fit(trainer, cfg: dict[str, Any]):
+    """``trainer.fit()``, with a run that never got its workers' resources reported as such (Ray Train says "the
+    worker group startup timed out after 60 s", each of its attempts, behind "controller error")."""
+    from ray.train.v2.api.exceptions import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as err:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        import ray
+
+        sc = cfg["scaling"]
+        need = f"{sc['num_workers']} worker(s) x {sc['cpus_per_worker']:g} CPU" + (
+            f" + {sc['gpus_per_worker']:g} GPU" if sc["use_gpu"] else "")
+        free = ray.available_resources()
+        raise RuntimeError(f"the Ray Train workers ({need}) did not get their resources within run.resource_wait_s "
+                           f"= {cfg['run']['resource_wait_s']:g} s; free now: {free.get('CPU', 0):g} CPU, "
+                           f"{free.get('GPU', 0):g} GPU") from None
+
+
 def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
     """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -169,7 +248,8 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"]),
+            failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"],
+                                         controller_failure_limit=startup_retries(cfg["run"]["resource_wait_s"])),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says what matters
             callbacks=callbacks or None,
@@ -186,7 +266,7 @@ def run_training(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool =
     run_dir = create_run_dir(cfg, overwrite=overwrite and not resume)
     print(f"raydist: training {cfg['method']['name']} on {cfg['data']['dataset']} with "
           f"{cfg['scaling']['num_workers']} Ray Train worker(s); run directory {run_dir}", flush=True)
-    build_trainer(cfg, resume_path).fit()
+    fit(build_trainer(cfg, resume_path), cfg)
     summary = json.loads((run_dir / artifacts.SUMMARY).read_text())
     print("\n" + artifacts.format_table(summary))
     print(f"\nrun directory: {run_dir} (best.pt, last.pt, metrics.jsonl, curves.png, summary.json)")

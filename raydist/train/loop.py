@@ -33,6 +33,7 @@ from raydist.models.checkpoint import read_checkpoint
 from raydist.train import artifacts
 from raydist.train.schedules import lr_multiplier
 from raydist.train.speed import compile_model, setup_device, use_compile
+from raydist.train.watchdog import Watchdog
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -250,8 +251,15 @@ def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int, session) 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None,
     "final_test": bool (default true)}; a sweep trial in its own process adds "tune_trial": true and, with
-    data.stream, "datasets" (see _TuneTrialSession)."""
+    data.stream, "datasets" (see _TuneTrialSession). A watchdog reports a step that stalls (run.stall_*)."""
     _quiet_ray_train()
+    run = config["job"]["run"]
+    watchdog = Watchdog(run.get("stall_warning_s"), fail_after_s=run.get("stall_timeout_s"))
+    with watchdog:
+        _train(config, watchdog)
+
+
+def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
     job = config["job"]
     run_dir = Path(config["run_dir"])
     run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]
@@ -280,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_model = model
     setup_device(device)
     if use_compile(run["compile"], device):
-        model = compile_model(model, run["compile_mode"])
+        model = compile_model(model, run["compile_mode"], device)
     model = session.prepare(model)
 
     groups = _param_groups(base_model, ocfg["weight_decay"])
@@ -347,7 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for x, y in train_loader:
+        for x, y in watchdog.beating(train_loader, f"epoch {epoch + 1}/{epochs}, training step"):
             loss, logits = method.step(x, y)
             for _ in range(updates_per_step):
                 for sched in schedulers:
@@ -361,7 +369,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds += epoch_seconds
         images_here += sums["n"]
         tr = _all_reduce(sums)
-        val = _all_reduce(accuracy_under_attacks(base_model, val_loader, val_attacks, eps, seed=seed + epoch))
+        batches = watchdog.beating(val_loader, f"epoch {epoch + 1}/{epochs}, validation batch")
+        val = _all_reduce(accuracy_under_attacks(base_model, batches, val_attacks, eps, seed=seed + epoch))
+        watchdog.beat(f"epoch {epoch + 1}/{epochs}, checkpoint and report")
         if not math.isfinite(tr["loss"]):
             raise FloatingPointError(f"training loss is {tr['loss']} at epoch {epoch + 1}: the run diverged")
 
@@ -421,13 +431,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.report(row, files, epoch + 1)
 
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
+        watchdog.beat("final test")
         workers = _workers(rank, world, device, images_here, start_epoch + 1)
         _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                    meta, last_done, workers)
+                    meta, last_done, workers, watchdog)
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                meta, last_epoch, workers) -> None:
+                meta, last_epoch, workers, watchdog: Watchdog) -> None:
     """Evaluate the last and the best weights on the test set (never used for selection); rank 0 writes it."""
     attacks = list(job["eval"]["test_attacks"])
     if "clean" not in attacks:
@@ -439,7 +450,8 @@ def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_
     for which, weights in (("last", None), ("best", best_weights)):
         if weights is not None:
             base_model.load_state_dict(weights)
-        counts = _all_reduce(accuracy_under_attacks(base_model, test_loader, attacks, eps, seed=seed + 7919))
+        batches = watchdog.beating(test_loader, f"final test of {which}.pt, batch")
+        counts = _all_reduce(accuracy_under_attacks(base_model, batches, attacks, eps, seed=seed + 7919))
         results[which] = {"accuracy": {a: counts[a] / counts["n"] for a in attacks}, "n": int(counts["n"])}
     base_model.load_state_dict(last_weights)
     if rank != 0:

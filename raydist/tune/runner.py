@@ -79,7 +79,7 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> Non
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydist.train.driver import build_trainer, create_run_dir, run_dir_of, streamed_datasets
+    from raydist.train.driver import build_trainer, create_run_dir, fit, run_dir_of, streamed_datasets
     from raydist.train.loop import train_loop_per_worker
 
     name = ray.tune.get_context().get_trial_name()
@@ -100,7 +100,7 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> Non
         train_loop_per_worker({"job": job, "run_dir": str(run_dir), "resume": resume, "final_test": False,
                                "tune_trial": True, "datasets": streamed_datasets(job)})
     else:
-        build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False).fit()
+        fit(build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False), job)
 
 
 def trial_resources(scaling: dict[str, Any]) -> dict[str, float]:
@@ -139,6 +139,38 @@ def _progress_callback():
             print(f"trial {trial} failed; the sweep goes on", flush=True)
 
     return ProgressLine()
+
+
+def _resource_watch(limit_s: float | None, need: dict[str, float]):
+    """A sweep whose trials cannot get the CPUs/GPUs they ask for fails, saying so, after ``run.resource_wait_s``
+    (instead of Tune holding them PENDING for ever, e.g. behind resources something else holds)."""
+    import time
+
+    import ray.tune
+
+    class ResourceWatch(ray.tune.Callback):
+        def __init__(self) -> None:
+            self.since: float | None = None
+
+        def on_step_begin(self, iteration, trials, **info):
+            pending = [t for t in trials if t.status == "PENDING"]
+            if limit_s is None or not pending or any(t.status == "RUNNING" for t in trials):
+                self.since = None
+                return
+            self.since = self.since or time.monotonic()
+            waited = time.monotonic() - self.since
+            if waited > limit_s:
+                free = ray.available_resources()
+                raise RuntimeError(
+                    f"{len(pending)} trial(s) waited {waited:.0f} s for the resources each asks for "
+                    f"({_resources_text(need)}) while no trial ran; free now: {_resources_text(free)} "
+                    "(run.resource_wait_s sets how long a sweep waits)")
+
+    return ResourceWatch()
+
+
+def _resources_text(res: dict[str, float]) -> str:
+    return ", ".join(f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU") if k in res or k == "CPU")
 
 
 def _params(config: dict[str, Any]) -> str:
@@ -184,7 +216,9 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(d), verbose=0,
-                                      callbacks=[_progress_callback()],
+                                      callbacks=[_progress_callback(), _resource_watch(
+                                          sweep["base"]["run"]["resource_wait_s"],
+                                          trial_resources(sweep["base"]["scaling"]))],
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
 
