@@ -213,7 +213,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "num_workers": Field("int", 1, min=0, help="Ray Train workers; 0 runs in the driver process"),
         "use_gpu": Field("bool", False, help="one CUDA device per worker (gpus_per_worker of it)"),
         "cpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True, help="also torch's CPU threads"),
-        "gpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True, help="fractions share a GPU"),
+        "gpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True,
+                                 help="at most 1 (a worker uses one device); a fraction only with a single worker "
+                                      "(num_workers 0 or 1): DDP ranks must not share a GPU"),
     },
     "eval": {
         "val_steps": Field("int", 10, min=1, help="PGD steps of the per-epoch validation attack"),
@@ -384,6 +386,7 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
     multistep = cfg["optim"]["schedule"] == "multistep"
     if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
         raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
+    _check_gpus(cfg["scaling"])
     from raydist.train.speed import channels_last_problem
 
     problem = channels_last_problem(cfg["run"]["channels_last"], cfg["scaling"]["use_gpu"])
@@ -393,6 +396,21 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         _check_data(cfg["data"])
     _check_model(cfg)
     return cfg
+
+
+def _check_gpus(sc: dict[str, Any]) -> None:
+    """GPU shares Ray can grant but the loop cannot use: NCCL refuses two DDP ranks on one device ("Duplicate GPU
+    detected", ray-project/ray#48012), so fractions need a single rank; and each rank drives one device, so more
+    than one GPU per worker would be reserved and left idle."""
+    if not sc["use_gpu"]:
+        return
+    g, n = sc["gpus_per_worker"], sc["num_workers"]
+    if g > 1:
+        raise ConfigError(f"scaling.gpus_per_worker: {g:g} reserves GPUs a worker never uses (each Ray Train worker "
+                          f"drives one GPU); use 1 and scaling.num_workers: {n * math.ceil(g)} for that many GPUs")
+    if g < 1 and n > 1:
+        raise ConfigError(f"scaling.gpus_per_worker: {g:g} with {n} workers puts DDP ranks on a shared GPU, which "
+                          "NCCL refuses (\"Duplicate GPU detected\"); use 1 GPU per worker, or num_workers: 1")
 
 
 def _check_storage(run: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ def _limit(item) -> float:
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:
         return float(marker.args[0])
-    return float(item.config.getini("timeout") or 300)
+    return float(item.config.getini("timeout") or 600)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -73,6 +73,11 @@ BAD = [
     (["--set", "method.k"], "method.k", "SECTION.KEY=VALUE"),
     (["--set", "run.output_dir=s3://bucket/runs"], "run.output_dir", "run.storage_path: s3://bucket/runs"),
     (["--set", "run.storage_path=ftp://host/ckpt"], "run.storage_path", "unknown URI scheme 'ftp://'"),
+    (["--set", "scaling.use_gpu=true", "--set", "scaling.num_workers=2", "--set", "scaling.gpus_per_worker=0.5"],
+     "scaling.gpus_per_worker", "Duplicate GPU detected"),
+    (["--set", "scaling.use_gpu=true", "--set", "scaling.gpus_per_worker=2"], "scaling.gpus_per_worker",
+     "reserves GPUs a worker never uses"),
+    (["--set", "run.channels_last=true"], "run.channels_last", "needs CUDA workers"),
 ]
 
 
@@ -222,3 +227,9 @@ def test_a_failure_after_validation_is_one_line_and_exit_1(capsys):
     assert _failure_exits_1("sweep", lambda: None) == 0
     with pytest.raises(C.ConfigError):
         _failure_exits_1("sweep", lambda: (_ for _ in ()).throw(C.ConfigError("x")))
+
+
+def test_a_gpu_fraction_is_fine_for_a_single_rank():
+    cfg = C.validate({"scaling": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.25}})
+    assert cfg["scaling"]["gpus_per_worker"] == 0.25
+    assert C.validate({"scaling": {"num_workers": 4, "gpus_per_worker": 0.5}})  # no GPUs asked for: not read

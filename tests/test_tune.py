@@ -105,7 +105,7 @@ def test_sweep_runs_stops_early_records_failures_and_writes_best(tmp_path, capsy
     sweep = _sweep(tmp_path, search={"seed": 0, "initial": [{"method.k": 3, "optim.lr": 1.0e9}]},
                    space={"method.k": {"type": "int", "low": 1, "high": 40},
                           "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 0.2}})
-    sweep["budget"] = {"num_trials": 4, "max_concurrent_trials": 1}
+    sweep["budget"] = {"num_trials": 4, "max_concurrent_trials": 1, "trial_retries": 1}
     # the trials train in their own Tune process (Ray Train's local mode), reporting to Tune from the loop; the
     # resume test below runs its trials on Ray Train workers through TuneReportCallback
     sweep["set"] = {"scaling.num_workers": 0}
@@ -123,11 +123,16 @@ def test_sweep_runs_stops_early_records_failures_and_writes_best(tmp_path, capsy
 
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{d / 'optuna.db'}")
     assert len(study.trials) == 4
+    # Optuna hears the truth: ASHA's early stops are PRUNED (not COMPLETE with their last value), the diverged
+    # trial FAIL
+    told = sorted(t.state.name for t in study.trials)
+    assert told == sorted({"completed": "COMPLETE", "stopped early": "PRUNED", "failed": "FAIL"}[x] for x in states)
     best = yaml.safe_load((d / "best.yaml").read_text())
     assert best["method"]["k"] == int(max((r for r in rows if r["state"] == "completed"),
                                           key=lambda r: float(r["best_val_pgd_acc"]))["method.k"])
     out = capsys.readouterr().out
     assert "best:" in out and "val PGD" in out
+    assert out.count("trying it again") == 1  # budget.trial_retries: 1, then recorded as failed
     # best.yaml is a complete job that `raydist train` runs as is
     cfg = C.load_job(d / "best.yaml")
     assert cfg["optim"]["epochs"] == 3 and cfg["run"]["name"] == "sw_best"

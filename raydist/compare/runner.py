@@ -228,7 +228,10 @@ def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> di
     total = ray.cluster_resources()
     free = {k: float(total.get(k, 0.0)) for k in ("CPU", "GPU")} if local else {"CPU": math.inf, "GPU": math.inf}
     limit = limit or len(todo)
-    remote = ray.remote(num_cpus=0, max_retries=0)(_train_one)
+    from raydist.tune.runner import driver_resources
+
+    # the task only drives its run's Ray Train workers: off spot nodes where the cluster says which those are
+    remote = ray.remote(num_cpus=0, max_retries=0, resources=driver_resources())(_train_one)
     pending, running = list(todo), {}
     seen: dict[str, int] = {}
     done_count = len(spec["runs"]) - len(todo)

@@ -103,11 +103,27 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> Non
         fit(build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False), job)
 
 
-def trial_resources(scaling: dict[str, Any]) -> dict[str, float]:
+DRIVER_RESOURCE = "raydist_driver"  # declared by the head and on-demand nodes of clusters/*.yaml
+
+
+def driver_resources(cluster: dict[str, float] | None = None) -> dict[str, float]:
+    """Where a process that only drives Ray Train workers (a sweep trial, a compare run) may live: on a node that
+    declares the custom resource ``raydist_driver`` (the head and on-demand nodes in the cluster files), never on a
+    spot worker whose preemption would take the driver and its run down with it. A cluster without it (a laptop,
+    a plain `ray start`) puts drivers anywhere."""
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    return {DRIVER_RESOURCE: 0.001} if cluster.get(DRIVER_RESOURCE, 0) > 0 else {}
+
+
+def trial_resources(scaling: dict[str, Any], cluster: dict[str, float] | None = None) -> dict[str, float]:
     """What a trial's own process asks Ray for. With Ray Train workers it only drives them (they ask for their
-    own CPUs and GPUs); with ``num_workers: 0`` it trains itself, so it holds one worker's share."""
+    own CPUs and GPUs) and stays off spot nodes where it can; with ``num_workers: 0`` it trains itself, so it
+    holds one worker's share."""
     if scaling["num_workers"]:
-        return {"CPU": 0.01}
+        return {"CPU": 0.01, **driver_resources(cluster)}
     need = {"CPU": scaling["cpus_per_worker"]}
     if scaling["use_gpu"]:
         need["GPU"] = scaling["gpus_per_worker"]
@@ -120,7 +136,7 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _progress_callback():
+def _progress_callback(retries: int):
     import ray.tune
 
     class ProgressLine(ray.tune.Callback):
@@ -137,6 +153,10 @@ def _progress_callback():
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"trial {trial} failed; the sweep goes on", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"trial {trial} failed (failure {trial.num_failures} of up to {retries + 1}); trying it again, "
+                  "from its last.pt if it has one", flush=True)
 
     return ProgressLine()
 
@@ -182,18 +202,20 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
     import ray.tune
     from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     d = sweep_dir_of(sweep)
     trainable = ray.tune.with_parameters(_trial, sweep=sweep, sweep_dir=str(d))
     trainable = ray.tune.with_resources(trainable, trial_resources(sweep["base"]["scaling"]))
     if resume:
+        # errored trials continue from their last.pt (the trial function resumes a run directory it finds)
         return ray.tune.Tuner.restore(str(d / TUNE_DIR), trainable=trainable, resume_unfinished=True,
-                                      resume_errored=False, restart_errored=False)
+                                      resume_errored=True, restart_errored=False)
 
     multi = sweep["objective"] == "multi"
     seed = sweep["search"]["seed"]
-    search = OptunaSearch(
+    from raydist.tune.searcher import StoppedArePruned
+
+    search = StoppedArePruned(
+        epochs=sweep["base"]["optim"]["epochs"],
         space=DefineByRun(sweep["space"], sweep["base"]),
         metric=[METRIC, TIME] if multi else METRIC,
         mode=["max", "min"] if multi else "max",
@@ -204,7 +226,8 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
     )
     sch = sweep["scheduler"]
     epochs = sweep["base"]["optim"]["epochs"]
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max", max_t=epochs,
+    # time_attr "epoch": a resumed trial's training_iteration restarts at 1, its epoch does not
+    scheduler = (ASHAScheduler(time_attr="epoch", metric=METRIC, mode="max", max_t=epochs,
                                grace_period=min(sch["grace_period"], epochs), reduction_factor=sch["reduction_factor"])
                  if sch["type"] == "asha" else FIFOScheduler())
     budget = sweep["budget"]
@@ -216,10 +239,13 @@ def build_tuner(sweep: dict[str, Any], *, resume: bool):
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(d), verbose=0,
-                                      callbacks=[_progress_callback(), _resource_watch(
+                                      callbacks=[_progress_callback(sweep["budget"]["trial_retries"]), _resource_watch(
                                           sweep["base"]["run"]["resource_wait_s"],
                                           trial_resources(sweep["base"]["scaling"]))],
-                                      failure_config=ray.tune.FailureConfig(max_failures=0)),
+                                      # a trial lost with its node (a preempted spot worker) is tried again
+                                      # and continues from its last.pt
+                                      failure_config=ray.tune.FailureConfig(
+                                          max_failures=sweep["budget"]["trial_retries"])),
     )
 
 

@@ -33,7 +33,7 @@ SPACE_TYPES = ("int", "float", "loguniform", "choice")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "search": {"seed": 0, "initial": []},
     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "budget": {"num_trials": 8, "max_concurrent_trials": 1, "time_budget_s": None},
+    "budget": {"num_trials": 8, "max_concurrent_trials": 1, "time_budget_s": None, "trial_retries": 2},
     "run": {"name": None, "output_dir": None},
 }
 
@@ -181,6 +181,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     _check_int(budget["max_concurrent_trials"], "budget.max_concurrent_trials", 1)
     if budget["time_budget_s"] is not None:
         _check_int(budget["time_budget_s"], "budget.time_budget_s", 1)
+    _check_int(budget["trial_retries"], "budget.trial_retries", 0)
     run = _section(raw, "run", "run")
     run["name"] = run["name"] or p.stem
     run["output_dir"] = run["output_dir"] or base_cfg["run"]["output_dir"]
