@@ -211,6 +211,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "scaling": {
         "num_workers": Field("int", 1, min=0, help="Ray Train workers; 0 runs in the driver process"),
+        "min_workers": Field("int", None, nullable=True, min=1,
+                             help="elastic training: after a lost node, go on with as few as this many workers "
+                                  "instead of waiting for a replacement, and grow back to num_workers when "
+                                  "resources return; default: always num_workers"),
+        "resize_interval_s": Field("float", 60.0, min=0, min_exclusive=True,
+                                   help="elastic training: how often a healthy run checks whether it can grow"),
         "use_gpu": Field("bool", False, help="one CUDA device per worker (gpus_per_worker of it)"),
         "cpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True, help="also torch's CPU threads"),
         "gpus_per_worker": Field("float", 1.0, min=0, min_exclusive=True,
@@ -387,6 +393,7 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
     if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):
         raise ConfigError(f"optim.milestones: each must lie in 1..optim.epochs ({cfg['optim']['epochs']}), got {ms}")
     _check_gpus(cfg["scaling"])
+    _check_elastic(cfg["scaling"])
     from raydist.train.speed import channels_last_problem
 
     problem = channels_last_problem(cfg["run"]["channels_last"], cfg["scaling"]["use_gpu"])
@@ -396,6 +403,21 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         _check_data(cfg["data"])
     _check_model(cfg)
     return cfg
+
+
+def _check_elastic(sc: dict[str, Any]) -> None:
+    if sc["min_workers"] is None:
+        return
+    if sc["num_workers"] < 1 or sc["min_workers"] > sc["num_workers"]:
+        raise ConfigError(f"scaling.min_workers: {sc['min_workers']} must lie in 1..scaling.num_workers "
+                          f"({sc['num_workers']})")
+    from ray.train import ScalingConfig
+
+    if "elastic_resize_monitor_interval_s" not in getattr(ScalingConfig, "__dataclass_fields__", {}):
+        import ray
+
+        raise ConfigError(f"scaling.min_workers: this Ray ({ray.__version__}) has no elastic Ray Train (a range of "
+                          "workers); upgrade Ray or leave min_workers out")
 
 
 def _check_gpus(sc: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ from a thread while it runs:
                 epoch's checkpoint; then lose the run directory and --resume from Ray's storage (a file:// URI)
   remove_node   a third worker node joins; after the first epoch, remove a node a training worker runs on (a
                 spot instance lost; the spare stands in for the replacement an autoscaler would bring)
+  elastic       scaling.min_workers 1 of 2: after the first epoch a node a worker runs on is removed and none
+                stands by; the run goes on with one worker instead of waiting for a replacement
   probe         the shared-storage probe on every node, for a directory they see and for a marker they do not
 
 Usage: python tests/cluster_faults.py OUT_DIR [SCENARIO ...]; writes OUT_DIR/results.json.
@@ -67,12 +69,12 @@ def _after_first_epoch(run_dir: Path, experiment: Path, fault, record: dict) -> 
     return thread
 
 
-def _train(out: Path, name: str, epochs: int, **run) -> dict:
+def _train(out: Path, name: str, epochs: int, scaling: dict | None = None, **run) -> dict:
     from raydist import config as C
     from raydist.train.driver import run_training
 
     job = tiny_job(out, run={"name": name, **run}, optim={"epochs": epochs},
-                   scaling={"num_workers": 2, "cpus_per_worker": 1},
+                   scaling={"num_workers": 2, "cpus_per_worker": 1, **(scaling or {})},
                    eval={"test_attacks": ["clean"], "test_samples": 64})
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -81,18 +83,26 @@ def _train(out: Path, name: str, epochs: int, **run) -> dict:
 
 def main() -> int:
     out = Path(sys.argv[1]).resolve()
-    scenarios = sys.argv[2:] or ["kill_worker", "remove_node", "probe"]
+    scenarios = sys.argv[2:] or ["kill_worker", "remove_node", "elastic", "probe"]
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
     import ray
-    from ray.cluster_utils import Cluster
 
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls; free ports keep it clear
-    # of this test session's own Ray
+    # of this test session's own Ray. Every node's processes start knowing the cluster's address (as
+    # raydist.train.driver.start_local_ray does for raydist's own Ray), so the cleaner finds this cluster, not
+    # whatever else runs on the machine.
+    from ray._private.services import get_node_ip_address
+    from ray.cluster_utils import Cluster
+
+    gcs_port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
+    # a worker group waits this long for its resources before Ray Train tries again (elastic: with fewer workers)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "port": gcs_port,
         "dashboard_agent_listen_port": free_port()})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     results: dict = {"head": cluster.head_node.node_id}
@@ -136,6 +146,21 @@ def main() -> int:
             thread = _after_first_epoch(out / "runs" / "remove_node", out / "runs" / "remove_node" / "ray" / "train",
                                         remove, rec)
             rec["summary"] = _train(out, "remove_node", EPOCHS, max_failures=2)
+            thread.join(timeout=5)
+
+        if "elastic" in scenarios:
+            rec = results["elastic"] = {}
+
+            def shrink(r: dict) -> None:
+                busy = {w["Address"]["NodeID"] for w in _train_workers()}
+                victim = next(n for n in cluster.worker_nodes if n.node_id in busy)
+                cluster.remove_node(victim, allow_graceful=False)
+                r["removed_node"] = victim.node_id
+
+            thread = _after_first_epoch(out / "runs" / "elastic", out / "runs" / "elastic" / "ray" / "train",
+                                        shrink, rec)
+            rec["summary"] = _train(out, "elastic", 4, scaling={"min_workers": 1, "resize_interval_s": 5},
+                                    max_failures=3)
             thread.join(timeout=5)
 
         if "probe" in scenarios:

@@ -96,6 +96,31 @@ def test_a_lost_node_is_replaced_and_the_run_finishes(outcome):
     assert rec["idle_node"] in nodes  # the group came back on the node that stood idle
 
 
+def test_an_elastic_run_goes_on_with_fewer_workers(outcome):
+    """scaling.min_workers: a lost node with no replacement does not stop the run; it continues on one worker from
+    its last checkpoint, every epoch done once, the lr schedule on its epochs."""
+    out, results, _ = outcome
+    rec = results["elastic"]
+    assert "fault_error" not in rec, rec.get("fault_error")
+    run_dir = out / "runs" / "elastic"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    sizes = [r["workers"] for r in rows]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    # the same schedule as a fixed-size run: cyclic lr over 5 epochs, whatever the number of steps per epoch
+    import yaml
+
+    from raydist.train.schedules import lr_multiplier
+
+    optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
+    assert optim["schedule"] == "cyclic" and optim["epochs"] == 4
+    at = lr_multiplier("cyclic", epochs=4, steps_per_epoch=1000, milestones=None, gamma=optim["gamma"],
+                       peak=optim["peak"])  # at an epoch's end the cyclic lr does not depend on its steps
+    for r in rows:
+        assert abs(r["lr"] - optim["lr"] * at(r["epoch"] * 1000)) < 1e-6, (r["epoch"], r["lr"])
+    assert (run_dir / "summary.json").is_file()
+
+
 def test_the_storage_probe_asks_every_node(outcome):
     _, results, _ = outcome
     probe = results["probe"]

@@ -143,3 +143,16 @@ def test_submit_follow_runs_the_job_on_the_cluster(tmp_path, ray_head, capsys, m
     # a job that fails on the cluster: --follow exits 1 with its status
     assert main(["submit", JOB, "--follow", "--set", f"run.output_dir={out}"]) == 1  # the run directory exists
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_cluster_with_another_ray_version(tmp_path, ray_head, capsys, monkeypatch):
+    import ray
+
+    from raydist.cluster.submit import cluster_ray_version
+
+    assert cluster_ray_version(ray_head) == ray.__version__
+    monkeypatch.setattr(ray, "__version__", "2.52.0")  # as if this machine had another Ray than the cluster
+    assert main(["submit", JOB, "--address", ray_head, "--set", f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    real = cluster_ray_version(ray_head)
+    assert err.count("\n") == 1 and f"the cluster runs Ray {real}, this machine Ray 2.52.0" in err, err

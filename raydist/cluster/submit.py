@@ -145,9 +145,49 @@ def build_submission(path: str, overrides: list[str], flags: tuple[str, ...] = (
     }
 
 
+def _token() -> str | None:
+    """The cluster token from where Ray's own clients read it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token), if any."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and Path(path).is_file():
+            return Path(path).read_text().strip() or None
+    return None
+
+
+def cluster_ray_version(address: str | None) -> str:
+    """The Ray version the cluster's dashboard reports (its public GET /api/version)."""
+    import json
+    import urllib.request
+
+    url = _address(address).rstrip("/") + "/api/version"
+    token = _token()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return str(json.loads(answer.read())["ray_version"])
+    except Exception as err:  # noqa: BLE001 - unreachable, refused, not a Ray dashboard
+        raise C.ConfigError(f"cannot read the cluster's Ray version at {url}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def check_same_ray(address: str | None) -> None:
+    """The job runs this project's code with the cluster's Ray: a version other than the one it was checked with
+    here (Train V2 and Tune APIs move between releases) is refused before anything is uploaded."""
+    import ray
+
+    theirs = cluster_ray_version(address)
+    if theirs != ray.__version__:
+        raise C.ConfigError(f"the cluster runs Ray {theirs}, this machine Ray {ray.__version__}: use the same version "
+                            f"on both (pip install 'ray[train,tune,default]=={theirs}' here, or the cluster image "
+                            "built from clusters/ with this version)")
+
+
 def submit(path: str, overrides: list[str], address: str | None, follow: bool, flags: tuple[str, ...] = ()) -> int:
     sub = build_submission(path, overrides, flags)
     jobs = client(address)
+    check_same_ray(address)
     deadline = time.time() + AGENT_WAIT_S
     while True:
         try:

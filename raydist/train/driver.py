@@ -11,7 +11,7 @@ from typing import Any
 
 from raydist import config as C
 from raydist.cluster import storage
-from raydist.train import artifacts
+from raydist.train import artifacts, ray_checkpoint
 from raydist.train.loop import LAST, train_loop_per_worker
 
 
@@ -155,15 +155,16 @@ def check_resources(cfg: dict[str, Any]) -> None:
                 raise C.ConfigError("scaling.use_gpu: true, but this machine has no CUDA GPU")
         return
     total = ray.cluster_resources()
-    need_cpu = sc["num_workers"] * sc["cpus_per_worker"]
+    workers = sc["min_workers"] or sc["num_workers"]  # an elastic run starts on as few as min_workers
+    need_cpu = workers * sc["cpus_per_worker"]
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        raise C.ConfigError(f"scaling: {sc['num_workers']} workers x {sc['cpus_per_worker']:g} CPUs need "
+        raise C.ConfigError(f"scaling: {workers} workers x {sc['cpus_per_worker']:g} CPUs need "
                             f"{need_cpu:g} CPUs, this Ray cluster has {total.get('CPU', 0):g} "
                             "(lower scaling.num_workers or scaling.cpus_per_worker)")
     if sc["use_gpu"]:
-        need_gpu = sc["num_workers"] * sc["gpus_per_worker"]
+        need_gpu = workers * sc["gpus_per_worker"]
         if need_gpu > total.get("GPU", 0) + 1e-9:
-            raise C.ConfigError(f"scaling.use_gpu: {sc['num_workers']} workers x {sc['gpus_per_worker']:g} GPUs "
+            raise C.ConfigError(f"scaling.use_gpu: {workers} workers x {sc['gpus_per_worker']:g} GPUs "
                                 f"need {need_gpu:g} GPUs, this Ray cluster has {total.get('GPU', 0):g}")
 
 
@@ -228,6 +229,18 @@ def fit(trainer, cfg: dict[str, Any]):
                            f"{free.get('GPU', 0):g} GPU") from None
 
 
+def scaling_kwargs(sc: dict[str, Any]) -> dict[str, Any]:
+    """A fixed number of workers, or with scaling.min_workers Ray Train's elastic range: after a lost node the run
+    restarts from its last checkpoint on the workers that fit now (at least min_workers) instead of waiting for a
+    replacement, and every resize_interval_s a healthy run checks whether it can grow back (restarting from its
+    last checkpoint on more workers). Each worker keeps data.batch_size, so the global batch follows the number
+    of workers; the lr schedule stays on its epochs (see the loop's resume)."""
+    if sc["min_workers"] is None:
+        return {"num_workers": sc["num_workers"]}
+    return {"num_workers": (sc["min_workers"], sc["num_workers"]),
+            "elastic_resize_monitor_interval_s": sc["resize_interval_s"]}
+
+
 def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
     """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -243,18 +256,25 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
         train_loop_per_worker,
         datasets=streamed_datasets(cfg),
         train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
-        scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
+        scaling_config=ScalingConfig(**scaling_kwargs(sc), use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg["run"]["max_failures"],
                                          controller_failure_limit=startup_retries(cfg["run"]["resource_wait_s"])),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # the latest checkpoint (always kept) and the one holding best.pt (see raydist.train.ray_checkpoint)
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ray_checkpoint.KEEP,
+                                               checkpoint_score_order="max"),
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says what matters
             callbacks=callbacks or None,
         ),
     )
+
+
+def _workers_text(sc: dict[str, Any]) -> str:
+    n, low = sc["num_workers"], sc["min_workers"]
+    return f"{low} to {n} (elastic)" if low is not None and low < n else str(n)
 
 
 def run_training(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -265,7 +285,7 @@ def run_training(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool =
     check_shared_storage(cfg)
     run_dir = create_run_dir(cfg, overwrite=overwrite and not resume)
     print(f"raydist: training {cfg['method']['name']} on {cfg['data']['dataset']} with "
-          f"{cfg['scaling']['num_workers']} Ray Train worker(s); run directory {run_dir}", flush=True)
+          f"{_workers_text(cfg['scaling'])} Ray Train worker(s); run directory {run_dir}", flush=True)
     fit(build_trainer(cfg, resume_path), cfg)
     summary = json.loads((run_dir / artifacts.SUMMARY).read_text())
     print("\n" + artifacts.format_table(summary))

@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.models.checkpoint import read_checkpoint
-from raydist.train import artifacts
+from raydist.train import artifacts, ray_checkpoint
 from raydist.train.schedules import lr_multiplier
 from raydist.train.speed import compile_model, setup_device, use_compile
 from raydist.train.watchdog import Watchdog
@@ -79,9 +77,8 @@ def _load_resume_state(resume: str | None, session) -> tuple[dict | None, dict |
         return read_checkpoint(last_path, require=("train_state", "state_dict")), best
 
     ckpt = session.checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            return read(Path(d) / LAST)
+    if ckpt is not None:  # best.pt may sit in an earlier checkpoint than the latest (see ray_checkpoint)
+        return ray_checkpoint.restore(ckpt, lambda p: read_checkpoint(p, require=("state_dict",)))
     if resume:
         return read(Path(resume))
     return None, None
@@ -156,19 +153,13 @@ class _TrainSession:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
-    def report(self, row: dict[str, Any], files: list[Path], epoch: int) -> None:
-        """Every rank reports; rank 0 passes ``files`` (last.pt, best.pt) as the epoch's Ray Train checkpoint."""
-        if not files:
+    def report(self, row: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        """Every rank reports; rank 0 passes the epoch's files as Ray Train's checkpoint (``checkpoint``: run_dir,
+        epoch, with_best, best_in; see raydist.train.ray_checkpoint)."""
+        if checkpoint is None:
             ray.train.report(row, checkpoint=None)
             return
-        tmp = tempfile.mkdtemp(prefix="raydist-ckpt-")
-        try:
-            for f in files:
-                shutil.copy2(f, Path(tmp) / f.name)
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        ray_checkpoint.report(row, **checkpoint)
 
 
 class _TuneTrialSession:
@@ -194,7 +185,7 @@ class _TuneTrialSession:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def report(self, row: dict[str, Any], files: list[Path], epoch: int) -> None:
+    def report(self, row: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         from ray import tune as ray_tune
 
         ray_tune.report(row)
@@ -321,6 +312,11 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
             sched.load_state_dict(sd)
         method.load_state_dict(ts["method"])
         start_epoch, best_score, best_epoch = ts["epoch"], tuple(ts["best_score"]), ts["best_epoch"]
+        for sched in schedulers:
+            # the schedule's place is the epoch boundary it stopped at: with another number of workers (an elastic
+            # run that shrank or grew) an epoch has another number of steps, and the saved step count would land
+            # the lr elsewhere on the schedule
+            sched.last_epoch = start_epoch * steps_per_epoch
         peak_pgd = ts["peak_pgd"]
         train_seconds, stopped = ts["train_seconds"], ts["stopped"]
         if best_ckpt is not None:
@@ -344,6 +340,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
     loop_start = time.perf_counter()
     images_here = torch.zeros((), device=device, dtype=torch.float64)  # this worker's own share, read once at the end
     last_done = start_epoch
+    best_holder: str | None = None  # the Ray checkpoint of this group's that holds best.pt
     for epoch in range(start_epoch, epochs):
         if stopped:
             break
@@ -386,6 +383,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
             "images_per_sec": tr["n"] / max(epoch_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "elapsed": train_seconds,
+            "workers": world,  # an elastic run's size can change between epochs
         }
         score = (row["val_pgd_acc"], row["val_clean_acc"])
         if ecfg["select"] == "clean":
@@ -400,8 +398,9 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
         row.update(best_epoch=best_epoch, stopped=stopped)
         last_done = epoch + 1
 
-        files: list[Path] = []
+        checkpoint = None
         if rank == 0:
+            t_ckpt = time.perf_counter()
             train_state = {
                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                 "schedulers": [s.state_dict() for s in schedulers], "method": method.state_dict(),
@@ -415,11 +414,17 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
             if improved:
                 save_checkpoint(run_dir / BEST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
                                 method_state=method.state_dict(), **meta)
+            row["checkpoint_seconds"] = time.perf_counter() - t_ckpt  # what training waits for at the epoch's end
             artifacts.append_metrics(run_dir, row)
             history.append(row)
             artifacts.plot_curves(run_dir, history, title=f"{run['name']}: {job['method']['name']}, "
                                                           f"{mcfg['name']} ({mcfg['activation']})")
-            files = [run_dir / name for name in (LAST, BEST) if (run_dir / name).exists()]
+            # best.pt travels in an epoch's Ray checkpoint when it changed, and in the first one a (re)started
+            # group reports (an earlier run's checkpoints may be gone)
+            with_best = (run_dir / BEST).exists() and (improved or best_holder is None)
+            if with_best:
+                best_holder = ray_checkpoint.dir_name(epoch + 1)
+            checkpoint = {"run_dir": run_dir, "epoch": epoch + 1, "with_best": with_best, "best_in": best_holder}
             if run["progress"]:
                 per_epoch = (time.perf_counter() - loop_start) / (epoch + 1 - start_epoch)  # validation included
                 remaining = 0 if stopped else (epochs - epoch - 1) * per_epoch
@@ -428,7 +433,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
                     _say(f"validation PGD accuracy fell {100 * (peak_pgd - row['val_pgd_acc']):.1f} points below "
                          f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); "
                          f"best.pt is epoch {best_epoch}")
-        session.report(row, files, epoch + 1)
+        session.report(row, checkpoint)
 
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
         watchdog.beat("final test")
