@@ -435,9 +435,38 @@ def _check_gpus(sc: dict[str, Any]) -> None:
                           "NCCL refuses (\"Duplicate GPU detected\"); use 1 GPU per worker, or num_workers: 1")
 
 
-def _check_storage(run: dict[str, Any]) -> None:
-    from raydist.cluster.storage import check_output_dir, check_storage_path, is_uri
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def check_output_dir(value: str) -> str:
+    """run.output_dir is a directory on disk; object storage belongs in run.storage_path."""
+    if is_uri(value):
+        raise ConfigError(f"run.output_dir: {value!r} is a URI, but the run directory is a directory on disk (a "
+                          "shared filesystem on a multi-node cluster); put Ray Train's checkpoints in object "
+                          f"storage with run.storage_path: {value}")
+    return value
+
+
+def check_storage_path(value: str | None) -> str | None:
+    """A local path (made absolute) or a URI whose scheme pyarrow opens."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ConfigError("run.storage_path: empty; leave it out for <run directory>/ray")
+    if is_uri(value):
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in URI_SCHEMES:
+            raise ConfigError(f"run.storage_path: unknown URI scheme '{scheme}://' in {value!r}; use a path or one "
+                              f"of {', '.join(s + '://' for s in URI_SCHEMES)}")
+        return value.rstrip("/")
+    return str(Path(os.path.expanduser(value)).resolve())
+
+
+def _check_storage(run: dict[str, Any]) -> None:
     check_output_dir(run["output_dir"])
     if run["storage_path"] is not None and (_CHECK_FILES or is_uri(run["storage_path"])):
         run["storage_path"] = check_storage_path(run["storage_path"])  # else a path on the cluster, kept as written

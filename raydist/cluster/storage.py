@@ -15,45 +15,16 @@ compute. :func:`check_visible_from_every_node` asks every alive node before anyt
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-from raydist.config import ConfigError
+# the value checks live in config (job validation); this module is what touches the filesystems
+from raydist.config import URI_SCHEMES, ConfigError, check_output_dir, check_storage_path, is_uri  # noqa: F401
 
-URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 DEFAULT_SUBDIR, DEFAULT_NAME = "ray", "train"
 MARKER_PREFIX = ".raydist-visible-"
 PROBE_TIMEOUT_S = 120
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def check_output_dir(value: str) -> str:
-    """run.output_dir is a directory on disk; object storage belongs in run.storage_path."""
-    if is_uri(value):
-        raise ConfigError(f"run.output_dir: {value!r} is a URI, but the run directory is a directory on disk (a "
-                          "shared filesystem on a multi-node cluster); put Ray Train's checkpoints in object "
-                          f"storage with run.storage_path: {value}")
-    return value
-
-
-def check_storage_path(value: str | None) -> str | None:
-    """A local path (made absolute) or a URI whose scheme pyarrow opens."""
-    if value is None:
-        return None
-    if not value.strip():
-        raise ConfigError("run.storage_path: empty; leave it out for <run directory>/ray")
-    if is_uri(value):
-        scheme = value.split("://", 1)[0].lower()
-        if scheme not in URI_SCHEMES:
-            raise ConfigError(f"run.storage_path: unknown URI scheme '{scheme}://' in {value!r}; use a path or one "
-                              f"of {', '.join(s + '://' for s in URI_SCHEMES)}")
-        return value.rstrip("/")
-    return str(Path(os.path.expanduser(value)).resolve())
 
 
 def ray_storage(cfg: dict[str, Any], run_dir: Path) -> tuple[str, str]:

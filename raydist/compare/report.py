@@ -153,7 +153,7 @@ def plot_val_pgd(path: Path, results: list[dict[str, Any]], eps: float) -> None:
 
 def write_outputs(spec: dict[str, Any], results: list[dict[str, Any]], *, wall_seconds: float) -> dict[str, Any]:
     """compare.json, compare.md and val_pgd.png in the comparison's directory; prints the table."""
-    from raydist.compare.runner import expected_epochs
+    from raydist.compare.spec import expected_epochs
 
     d = Path(spec["dir"])
     ev = spec["eval"]

@@ -26,7 +26,7 @@ import yaml
 
 from raydist import config as C
 from raydist.compare import report
-from raydist.compare.spec import RUN_PLACE_KEYS
+from raydist.compare.spec import RUN_PLACE_KEYS, expected_epochs
 from raydist.train import artifacts
 from raydist.train.driver import run_dir_of
 
@@ -35,14 +35,6 @@ EVAL_DIR, RUNS_DIR = "eval", "runs"
 
 
 # -- what is there already ----------------------------------------------------------------------------------------
-def expected_epochs(job: dict[str, Any]) -> int:
-    """Epochs the loop runs: Free-AT (divide_epochs) replays each minibatch m times and runs epochs / m of them."""
-    m = job["method"]
-    if m["name"] == "free_at" and m.get("divide_epochs", True):
-        return max(1, math.ceil(job["optim"]["epochs"] / m["m"]))
-    return job["optim"]["epochs"]
-
-
 def config_differences(saved: dict[str, Any], job: dict[str, Any]) -> list[str]:
     """What differs between a run's saved config and the job, apart from where the run lives and how it prints."""
     place = {f"run.{k}" for k in RUN_PLACE_KEYS}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,11 @@ def load_compare(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         "run": run, "dir": str(directory),
         "max_concurrent": _int(raw.get("max_concurrent"), "max_concurrent", 1, nullable=True),
     }
+
+
+def expected_epochs(job: dict[str, Any]) -> int:
+    """Epochs the loop runs: Free-AT (divide_epochs) replays each minibatch m times and runs epochs / m of them."""
+    m = job["method"]
+    if m["name"] == "free_at" and m.get("divide_epochs", True):
+        return max(1, math.ceil(job["optim"]["epochs"] / m["m"]))
+    return job["optim"]["epochs"]
