@@ -19,6 +19,8 @@ from raydist.data import load_dataset
 from raydist.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+# the first test pays for the whole cluster run (the module fixture below, itself limited to 1200 s)
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
