@@ -97,7 +97,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
     from raydist.methods.base import fused_optimizer_kwargs
     from raydist.models import create_model
     from raydist.train.loop import _autocast, _param_groups
-    from raydist.train.schedules import lr_multiplier
+    from raydist.train.schedules import build_schedulers
     from raydist.train.speed import compile_model, setup_device, use_compile
 
     gpu = job["scaling"]["use_gpu"]
@@ -125,9 +125,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
                                 **fused_optimizer_kwargs(torch.optim.SGD, groups))
     method = create_method(job["method"]["name"], net, optimizer, epsilon=job["method"]["epsilon"],
                            autocast=_autocast(device, job["run"]["precision"]), **method_params(job))
-    multiplier = lr_multiplier(ocfg["schedule"], epochs=ocfg["epochs"], steps_per_epoch=len(loader),
-                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, multiplier) for o in [optimizer, *method.extra_optimizers()]]
+    _, schedulers = build_schedulers(ocfg, method, optimizer, len(loader))
     return Plain(device, loader, model, method, schedulers, compiled)
 
 

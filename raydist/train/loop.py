@@ -30,7 +30,7 @@ from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.train import artifacts
-from raydist.train.schedules import lr_multiplier
+from raydist.train.schedules import build_schedulers
 from raydist.train.speed import compile_model, setup_device, use_compile
 
 LAST, BEST = "last.pt", "best.pt"
@@ -292,14 +292,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            **method_params(job))
     train_loader, val_loader, test_loader = feed["train"], feed["val"], feed["test"]
 
-    # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs
+    # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs;
+    # every schedule lands on the fraction of the run it names (train/schedules.py)
     updates_per_step = getattr(method, "updates_per_step", 1)
-    epochs = max(1, math.ceil(ocfg["epochs"] / getattr(method, "epoch_divisor", 1)))
-    steps_per_epoch = len(train_loader) * updates_per_step
-    multiplier = lr_multiplier(ocfg["schedule"], epochs=epochs, steps_per_epoch=steps_per_epoch,
-                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
-                  for opt in [optimizer, *method.extra_optimizers()]]
+    epochs, schedulers = build_schedulers(ocfg, method, optimizer, len(train_loader))
 
     # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
     start_epoch, best_score, best_epoch, peak_pgd, train_seconds, stopped = 0, (-1.0, -1.0), 0, 0.0, 0.0, False
