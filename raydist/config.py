@@ -178,6 +178,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "generator_lr": Field("float", 1e-3, min=0, min_exclusive=True, help="FGSM-SDI: Adam lr of the generator"),
         "generator_weight_decay": Field("float", 5e-4, min=0, help="FGSM-SDI"),
         "generator_width": Field("int", 64, min=1, help="FGSM-SDI: hidden channels of the generator"),
+        "generator_schedule": Field("str", "constant", choices=("constant", "model"),
+                                    help="FGSM-SDI: the generator's Adam keeps generator_lr (constant, as in the "
+                                         "reference) or follows the model's lr schedule (model)"),
         "m": Field("int", 8, min=1, help="free_at: replays of each minibatch"),
         "divide_epochs": Field("bool", True, help="free_at: run optim.epochs / m epochs (the paper's equal budget)"),
         "grad_align_lambda": Field("float", 0.2, min=0, help="fgsm_ga: weight of the GradAlign regularizer"),

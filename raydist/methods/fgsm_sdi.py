@@ -6,6 +6,15 @@ input gradient: g = sign ∇ₓCE(f(x), y), η = ε·G(x, g), and one FGSM step 
 the training example.  The target f and the generator play min-max: G *ascends* f's loss on
 that example (gradient flowing through η; the FGSM sign term is a constant), updated once
 every ``k`` target updates — k trades robustness against time.
+
+As in the reference (FGSM_SDI.py): the generator (models/generator.py, its One_Layer_Attacker) sees the
+normalised image; its Adam keeps lr 1e-3 for the whole run (the reference's attacker scheduler is stepped once
+per generator update and so never reaches its milestones, which are counted in target updates); the sign and
+the FGSM step use plain cross-entropy and the weight update and the generator's ascent the (label-smoothed)
+training loss; the model is in train mode (BatchNorm batch statistics) throughout, the generator in eval mode
+while it proposes the training example and in train mode for its own update.
+Deliberate deviation: the example is kept in the [0, 1] image box (x + η and the final x_adv are clamped), as
+every raydist method and attack does; the reference adds η and the step in normalised space without clamping.
 """
 
 from __future__ import annotations
@@ -35,6 +44,16 @@ def _in_channels(model: nn.Module) -> int:
     raise ValueError("cannot infer the model's input channels for the FGSM-SDI generator")
 
 
+def _normalization(model: nn.Module) -> tuple[list[float], list[float]] | tuple[None, None]:
+    """The (mean, std) a raydist model normalises its [0, 1] input with (``model.normalize``), else (None, None).
+    Looks through a torch.compile wrapper."""
+    norm = getattr(getattr(model, "_orig_mod", model), "normalize", None)
+    mean, std = getattr(norm, "mean", None), getattr(norm, "std", None)
+    if not isinstance(mean, Tensor) or not isinstance(std, Tensor):
+        return None, None
+    return mean.flatten().tolist(), std.flatten().tolist()
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -54,7 +73,9 @@ class FGSMSDI(TrainMethod):
     """FGSM from a learned initialization; the generator is updated every ``k`` target steps."""
 
     name = "fgsm_sdi"
-    PARAMS = {"k": 20, "alpha": None, "generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_width": 64}
+    PARAMS = {"k": 20, "alpha": None, "generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_width": 64,
+              "generator_schedule": "constant"}
+    GENERATOR_SCHEDULES = ("constant", "model")
 
     def __init__(
         self,
@@ -66,18 +87,26 @@ class FGSMSDI(TrainMethod):
         generator_lr: float = 1e-3,
         generator_weight_decay: float = 5e-4,
         generator_width: int = 64,
+        generator_schedule: str = "constant",
         **common: Any,
     ) -> None:
         # common: epsilon, label_smoothing, autocast (see TrainMethod)
         super().__init__(model, optimizer, **common)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if generator_schedule not in self.GENERATOR_SCHEDULES:
+            raise ValueError(f"generator_schedule must be one of {', '.join(self.GENERATOR_SCHEDULES)}, "
+                             f"got {generator_schedule!r}")
+        # constant: Adam at generator_lr for the whole run, as in the reference; model: the model's lr schedule
+        self.generator_schedule = generator_schedule
         self.k = int(k)
         self.alpha = float(alpha) if alpha is not None else self.epsilon
         device = next(model.parameters()).device
         # the paper's generator has 64 hidden channels; small CPU models need a smaller one, or it costs
         # more than the model it attacks
-        self.generator = SDIGenerator(_in_channels(self.attack_model), hidden=generator_width).to(device)
+        mean, std = _normalization(self.attack_model)
+        self.generator = SDIGenerator(_in_channels(self.attack_model), hidden=generator_width, mean=mean,
+                                      std=std).to(device)
         if _distributed():  # every rank starts from rank 0's generator
             for t in [*self.generator.parameters(), *self.generator.buffers()]:
                 dist.broadcast(t.data, src=0)
@@ -139,7 +168,7 @@ class FGSMSDI(TrainMethod):
 
     # -- extra state ------------------------------------------------------------------------
     def extra_optimizers(self) -> list[Optimizer]:
-        return [self.generator_optimizer]
+        return [self.generator_optimizer] if self.generator_schedule == "model" else []
 
     def state_dict(self) -> dict[str, Any]:
         return {
