@@ -152,7 +152,7 @@ def test_efficientnet_cifar_downsamples_8x_and_is_silu_when_asked():
 def test_imagenet_models_swap_every_activation(name):
     model = on_meta(name, activation="smoothrelu")  # meta device: no memory, no initialisation
     expected = 1 + 3 * RESNETS[name] if name in RESNETS else EFFICIENTNETS[name][1]
-    alphas = [m.raw_alpha for m in model.modules() if isinstance(m, SmoothReLU)]
+    alphas = [m.beta for m in model.modules() if isinstance(m, SmoothReLU)]
     assert len(alphas) == expected and len({id(a) for a in alphas}) == expected  # one α per place
     assert count(model, OTHER_ACTIVATIONS) == 0  # no nn.ReLU / nn.SiLU left behind
     declared = {r["name"]: r["num_params"] for r in list_models()}[name]
@@ -277,7 +277,7 @@ def test_checkpoint_round_trip_with_a_learnable_activation(tmp_path, name):
     model = create_model(name, activation="smoothrelu(alpha=50)", num_classes=5, **kw)
     with torch.no_grad():
         model.train()(torch.rand(4, 3, 32, 32))
-        next(m for m in model.modules() if isinstance(m, SmoothReLU)).raw_alpha.fill_(7.0)  # "learned"
+        next(m for m in model.modules() if isinstance(m, SmoothReLU)).beta.fill_(7.0)  # "learned"
     model.eval()
     loaded, ckpt = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model, epoch=1))
     assert ckpt["model"]["activation"] == "smoothrelu(alpha=50)" and ckpt["model"]["kwargs"] == kw
