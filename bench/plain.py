@@ -91,7 +91,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
     """Data on the device, the model, its optimizer and the method, as loop.py builds them."""
     import torch
 
-    from raydist.config import method_params
+    from raydist.config import method_params, model_params
     from raydist.data import DeviceLoader, load_dataset
     from raydist.methods import create_method
     from raydist.methods.base import fused_optimizer_kwargs
@@ -113,7 +113,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
                           augment={"crop": data["crop"], "flip": data["flip"]}, seed=0, device=device, rank=0,
                           world_size=1, channels_last=gpu)
     torch.manual_seed(0)
-    extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
+    extra = model_params(job)
     model = create_model(mcfg["name"], num_classes=splits.num_classes, in_channels=splits.input_size[0],
                          mean=splits.mean, std=splits.std, **extra).to(device)
     if gpu:

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydist.config import method_params
+from raydist.config import method_params, model_params
 from raydist.data import DeviceLoader, load_dataset
 from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
@@ -267,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
     feed = _data_feed(job, common, seed, session)
-    extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
+    extra = model_params(job)
     torch.manual_seed(seed)  # identical initial weights on every worker
     model = create_model(mcfg["name"], num_classes=feed["num_classes"], activation=mcfg["activation"],
                          in_channels=feed["input_size"][0], mean=feed["mean"], std=feed["std"],
