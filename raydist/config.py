@@ -175,8 +175,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                       "see docs/fidelity.md)"),
         # method-specific: which apply, and their defaults where not given, come from raydist.methods.METHOD_PARAMS
         "alpha": Field("frac", None, nullable=True, min=0, min_exclusive=True,
-                       help="step size; default: eps/4 (pgd_at, trades), 1.25 eps (fgsm_rs, fgsm_ga, fgsm_ckpt), "
-                            "eps (fgsm_sdi, free_at)"),
+                       help="step size; default: eps/4 (pgd_at), 0.007/0.031 eps (trades: its reference's 0.007 "
+                            "at eps 0.031), 1.25 eps (fgsm_rs, fgsm_ga, fgsm_ckpt), eps (fgsm_sdi, free_at)"),
         "steps": Field("int", 10, min=1, help="pgd_at, trades: attack steps"),
         "random_start": Field("bool", None, nullable=True,
                               help="start uniformly in the eps-ball; default: true (pgd_at, fgsm_ckpt), "
