@@ -7,14 +7,17 @@ the training example.  The target f and the generator play min-max: G *ascends* 
 that example (gradient flowing through η; the FGSM sign term is a constant), updated once
 every ``k`` target updates — k trades robustness against time.
 
-As in the reference (FGSM_SDI.py): the generator (models/generator.py, its One_Layer_Attacker) sees the
-normalised image; its Adam keeps lr 1e-3 for the whole run (the reference's attacker scheduler is stepped once
-per generator update and so never reaches its milestones, which are counted in target updates); the sign and
-the FGSM step use plain cross-entropy and the weight update and the generator's ascent the (label-smoothed)
-training loss; the model is in train mode (BatchNorm batch statistics) throughout, the generator in eval mode
-while it proposes the training example and in train mode for its own update.
-Deliberate deviation: the example is kept in the [0, 1] image box (x + η and the final x_adv are clamped), as
-every raydist method and attack does; the reference adds η and the step in normalised space without clamping.
+As in the reference (FGSM_SDI.py): the generator (models/generator.py, its One_Layer_Attacker) sees the image
+in [0, 1] (the reference normalises nothing: its utils.py has mean 0 and std 1); its Adam keeps lr 1e-3 for
+the whole run (the reference's attacker scheduler is stepped once per generator update and so never reaches its
+milestones, which are counted in target updates); the sign and the FGSM step use plain cross-entropy, the
+weight update and the generator's ascent the (label-smoothed) training loss; the model is in train mode
+(BatchNorm batch statistics) throughout, the generator in eval mode while it proposes the training example and
+in train mode for its own update.
+Deliberate deviations: the example is kept in the [0, 1] image box (x + η and the final x_adv are clamped), as
+every raydist method and attack does, where the reference adds η and the step without clamping; and the target
+model normalises its input with the dataset's statistics (every raydist model does), where the reference's sees
+the raw [0, 1] image.
 """
 
 from __future__ import annotations
@@ -42,16 +45,6 @@ def _in_channels(model: nn.Module) -> int:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     raise ValueError("cannot infer the model's input channels for the FGSM-SDI generator")
-
-
-def _normalization(model: nn.Module) -> tuple[list[float], list[float]] | tuple[None, None]:
-    """The (mean, std) a raydist model normalises its [0, 1] input with (``model.normalize``), else (None, None).
-    Looks through a torch.compile wrapper."""
-    norm = getattr(getattr(model, "_orig_mod", model), "normalize", None)
-    mean, std = getattr(norm, "mean", None), getattr(norm, "std", None)
-    if not isinstance(mean, Tensor) or not isinstance(std, Tensor):
-        return None, None
-    return mean.flatten().tolist(), std.flatten().tolist()
 
 
 def _distributed() -> bool:
@@ -104,9 +97,7 @@ class FGSMSDI(TrainMethod):
         device = next(model.parameters()).device
         # the paper's generator has 64 hidden channels; small CPU models need a smaller one, or it costs
         # more than the model it attacks
-        mean, std = _normalization(self.attack_model)
-        self.generator = SDIGenerator(_in_channels(self.attack_model), hidden=generator_width, mean=mean,
-                                      std=std).to(device)
+        self.generator = SDIGenerator(_in_channels(self.attack_model), hidden=generator_width).to(device)
         if _distributed():  # every rank starts from rank 0's generator
             for t in [*self.generator.parameters(), *self.generator.buffers()]:
                 dist.broadcast(t.data, src=0)

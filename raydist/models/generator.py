@@ -8,8 +8,9 @@ attacker.py), layer for layer:
         the two convs xavier-uniform with gain sqrt(2), with bias
     BN(w, affine=False) -> conv3x3(w -> C, with bias) -> tanh
 
-It sees the image *normalised as the target model sees it* (the reference feeds its normalised CIFAR batch) and
-the sign of the input gradient, and returns a per-sample initialization in [-1, 1]; the caller multiplies by ε.
+It sees the image in [0, 1], as the reference's does (its utils.py sets the CIFAR mean to 0 and std to 1, so
+neither its generator nor its target model sees a normalised image), and the sign of the input gradient, and
+returns a per-sample initialization in [-1, 1]; the caller multiplies by ε.
 The reference's width w is 64 (``generator_width``). Its ``scale_last`` parameter is never used in its forward
 pass and so is left out. These choices set where training starts: given the same weights this module and the
 reference give the same output, and freshly initialised (train mode, 10 seeds, digits or uniform images) both
@@ -21,7 +22,6 @@ variance, so a large share of the initialization sat at the saturated ends of ta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -48,27 +48,12 @@ class _PreActBlock(nn.Module):
 
 
 class SDIGenerator(nn.Module):
-    """``g(x, sign ∇x L) -> [-1, 1]``, the reference's One_Layer_Attacker (see the module docstring).
+    """``g(x, sign ∇x L) -> [-1, 1]`` for images ``x`` in [0, 1], the reference's One_Layer_Attacker (see the
+    module docstring)."""
 
-    ``mean``/``std``: the target model's input normalization, applied to ``x`` before the first conv (the
-    reference's generator sees the normalised image); None leaves ``x`` as it is.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 3,
-        hidden: int = 64,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int = 3, hidden: int = 64) -> None:
         super().__init__()
         self.in_channels = in_channels
-        mean_t = torch.zeros(in_channels) if mean is None else torch.tensor([float(v) for v in mean])
-        std_t = torch.ones(in_channels) if std is None else torch.tensor([float(v) for v in std])
-        if mean_t.numel() != in_channels or std_t.numel() != in_channels or (std_t <= 0).any():
-            raise ValueError(f"mean/std need {in_channels} values (std > 0), got {mean} / {std}")
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
-        self.register_buffer("std", std_t.view(1, -1, 1, 1))
         self.stem = nn.Sequential(
             nn.Conv2d(2 * in_channels, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden, eps=1e-3),
@@ -78,6 +63,5 @@ class SDIGenerator(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(hidden, affine=False), nn.Conv2d(hidden, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, grad_sign: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         h = self.stem(torch.cat([x, grad_sign.to(x.dtype)], dim=1))
         return torch.tanh(self.head(self.block(h)))
