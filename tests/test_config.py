@@ -222,3 +222,22 @@ def test_a_failure_after_validation_is_one_line_and_exit_1(capsys):
     assert _failure_exits_1("sweep", lambda: None) == 0
     with pytest.raises(C.ConfigError):
         _failure_exits_1("sweep", lambda: (_ for _ in ()).throw(C.ConfigError("x")))
+
+
+def test_fidelity_page_covers_every_method_and_attack():
+    """docs/fidelity.md (linked from the README) has a section per training method and a row per attack, so a new
+    method or attack cannot ship without its reference comparison."""
+    from raydist.attacks import ATTACKS
+    from raydist.compare.spec import LABELS
+    from raydist.methods import METHODS
+
+    page = (ROOT / "docs" / "fidelity.md").read_text()
+    assert "(docs/fidelity.md)" in (ROOT / "README.md").read_text()
+    for name in METHODS:
+        if name != "standard":
+            assert f"### {LABELS[name]} (" in page, name
+    assert "### SAT (" in page
+    attacks = page.split("## Attacks", 1)[1].split("\n## ", 1)[0]
+    for name in ATTACKS:
+        if name != "clean":
+            assert f"`{name}`" in attacks, name
