@@ -149,7 +149,8 @@ def test_method_params_match_the_constructors():
     assert METHOD_PARAMS["pgd_at"] == {"steps": 10, "alpha": None, "random_start": True}
     assert METHOD_PARAMS["fgsm_rs"] == {"alpha": None}
     assert METHOD_PARAMS["fgsm_sdi"] == {"k": 20, "alpha": None, "generator_lr": 1e-3,
-                                         "generator_weight_decay": 5e-4, "generator_width": 64}
+                                         "generator_weight_decay": 5e-4, "generator_width": 64,
+                                         "generator_schedule": "constant"}
     for name, cls in METHODS.items():
         sig = inspect.signature(cls.__init__).parameters
         for param, default in METHOD_PARAMS[name].items():
