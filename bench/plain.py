@@ -91,13 +91,13 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
     """Data on the device, the model, its optimizer and the method, as loop.py builds them."""
     import torch
 
-    from raydist.config import method_params
+    from raydist.config import method_params, model_params
     from raydist.data import DeviceLoader, load_dataset
     from raydist.methods import create_method
     from raydist.methods.base import fused_optimizer_kwargs
     from raydist.models import create_model
     from raydist.train.loop import _autocast, _param_groups
-    from raydist.train.schedules import lr_multiplier
+    from raydist.train.schedules import build_schedulers
     from raydist.train.speed import compile_model, setup_device, use_compile
 
     gpu = job["scaling"]["use_gpu"]
@@ -113,7 +113,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
                           augment={"crop": data["crop"], "flip": data["flip"]}, seed=0, device=device, rank=0,
                           world_size=1, channels_last=gpu)
     torch.manual_seed(0)
-    extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
+    extra = model_params(job)
     model = create_model(mcfg["name"], num_classes=splits.num_classes, in_channels=splits.input_size[0],
                          mean=splits.mean, std=splits.std, **extra).to(device)
     if gpu:
@@ -125,9 +125,7 @@ def build(job: dict[str, Any], threads: int = 1) -> Plain:
                                 **fused_optimizer_kwargs(torch.optim.SGD, groups))
     method = create_method(job["method"]["name"], net, optimizer, epsilon=job["method"]["epsilon"],
                            autocast=_autocast(device, job["run"]["precision"]), **method_params(job))
-    multiplier = lr_multiplier(ocfg["schedule"], epochs=ocfg["epochs"], steps_per_epoch=len(loader),
-                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, multiplier) for o in [optimizer, *method.extra_optimizers()]]
+    _, schedulers = build_schedulers(ocfg, method, optimizer, len(loader))
     return Plain(device, loader, model, method, schedulers, compiled)
 
 

@@ -167,7 +167,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "activation": Field("str", "relu", choices=_activations, accept=_activation_spec_ok,
                             help="swapped into every layer; parameters as in elu(alpha=0.5)"),
         "width": Field("int", None, nullable=True, min=1,
-                       help="resnet18/preact_resnet18: base channels (64 in the papers); wide_resnet: widening factor"),
+                       help="resnet18/preact_resnet18/resnext29_32x4d: base channels (64 in the papers); "
+                            "wide_resnet: widening factor"),
+        "zero_init_residual": Field("bool", False,
+                                    help="zero-initialise the last BatchNorm of every residual block, as SAT's "
+                                         "ResNets do (models with such a BatchNorm: resnet18, resnext29_32x4d and "
+                                         "the ImageNet ResNets and ResNeXts)"),
         "smooth_backward": Field("str", "none", choices=("none", "attacker", "optimizer", "both"),
                                  help="SAT's controlled experiment, with activation relu_smoothgrad: where the "
                                       "smooth backward is used (attack gradients, weight update, both, neither)"),
@@ -177,11 +182,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "method": {
         "name": Field("str", "fgsm_sdi", choices=_methods, help="training method"),
         "epsilon": Field("frac", 8 / 255, min=0, max=1, help="L-inf radius in [0,1] pixel units; 8/255 works"),
-        "label_smoothing": Field("float", 0.0, min=0, max=1, help="of the training loss (FGSM-SDI's reference: 0.111)"),
+        "label_smoothing": Field("float", 0.0, min=0, max=1,
+                                 help="of the training loss (FGSM-SDI's released code: 0.111, its factor 0.9; "
+                                      "see docs/fidelity.md)"),
         # method-specific: which apply, and their defaults where not given, come from raydist.methods.METHOD_PARAMS
         "alpha": Field("frac", None, nullable=True, min=0, min_exclusive=True,
-                       help="step size; default: eps/4 (pgd_at, trades), 1.25 eps (fgsm_rs, fgsm_ga, fgsm_ckpt), "
-                            "eps (fgsm_sdi, free_at)"),
+                       help="step size; default: eps/4 (pgd_at), 0.007/0.031 eps (trades: its reference's 0.007 "
+                            "at eps 0.031), 1.25 eps (fgsm_rs, fgsm_ga, fgsm_ckpt), eps (fgsm_sdi, free_at)"),
         "steps": Field("int", 10, min=1, help="pgd_at, trades: attack steps"),
         "random_start": Field("bool", None, nullable=True,
                               help="start uniformly in the eps-ball; default: true (pgd_at, fgsm_ckpt), "
@@ -190,6 +197,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "generator_lr": Field("float", 1e-3, min=0, min_exclusive=True, help="FGSM-SDI: Adam lr of the generator"),
         "generator_weight_decay": Field("float", 5e-4, min=0, help="FGSM-SDI"),
         "generator_width": Field("int", 64, min=1, help="FGSM-SDI: hidden channels of the generator"),
+        "generator_schedule": Field("str", "constant", choices=("constant", "model"),
+                                    help="FGSM-SDI: the generator's Adam keeps generator_lr (constant, as in the "
+                                         "reference) or follows the model's lr schedule (model)"),
         "m": Field("int", 8, min=1, help="free_at: replays of each minibatch"),
         "divide_epochs": Field("bool", True, help="free_at: run optim.epochs / m epochs (the paper's equal budget)"),
         "grad_align_lambda": Field("float", 0.2, min=0, help="fgsm_ga: weight of the GradAlign regularizer"),
@@ -483,6 +493,13 @@ def _check_model(cfg: dict[str, Any]) -> None:
         if cfg["method"]["name"] == "free_at" and model["smooth_backward"] != "both":
             raise ConfigError("model.smooth_backward: free_at takes attack and weight gradients from one backward "
                               "pass, so only 'none' or 'both' apply")
+    if model["zero_init_residual"] and not model["name"].startswith("timm/"):
+        from raydist.models.registry import builder_kwargs
+
+        if "zero_init_residual" not in builder_kwargs(model["name"]):
+            raise ConfigError(f"model.zero_init_residual: model '{model['name']}' has no BatchNorm closing its "
+                              "residual blocks to zero-initialise (resnet18, resnext29_32x4d and the ImageNet "
+                              "ResNets and ResNeXts have)")
     if model["pretrained_path"] is not None and _CHECK_FILES:
         path = Path(os.path.expanduser(model["pretrained_path"]))
         if not path.is_file():
@@ -551,6 +568,18 @@ def _check_data(data: dict[str, Any]) -> None:
         if not is_parquet_dataset(path):
             raise ConfigError(f"data.stream: {path} holds class folders; convert them once with "
                               f"`raydist data to-parquet {path} DST` and set data.root to DST")
+
+
+def model_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model builder's own keyword arguments the job sets (``width``, ``zero_init_residual``), for
+    ``create_model`` and ``model_spec_for``; keys left at their default are left out."""
+    m = cfg["model"]
+    out: dict[str, Any] = {}
+    if m["width"] is not None:
+        out["width"] = m["width"]
+    if m.get("zero_init_residual"):
+        out["zero_init_residual"] = True
+    return out
 
 
 def method_params(cfg: dict[str, Any]) -> dict[str, Any]:

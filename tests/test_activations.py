@@ -182,32 +182,36 @@ def test_smoothrelu_alpha_gradient_matches_the_formula():
     a = act.alpha.detach()
     pos = x.clamp_min(0)
     d_alpha = (torch.log1p(a * pos) / a**2 - pos / (a * (1 + a * pos))).sum()
-    assert_close(act.raw_alpha.grad, d_alpha * torch.sigmoid(act.raw_alpha.detach()))
-    raw = act.raw_alpha.detach().clone().requires_grad_(True)
+    assert_close(act.beta.grad, d_alpha * 2 * act.beta.detach())  # α = β²
+    beta = act.beta.detach().clone().requires_grad_(True)
     xs = (torch.rand(10, dtype=torch.float64) * 4 - 1).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, r: functional_call(act, {"raw_alpha": r}, (v,)), (xs, raw))
+    assert torch.autograd.gradcheck(lambda v, b: functional_call(act, {"beta": b}, (v,)), (xs, beta))
 
 
-def test_smoothrelu_alpha_stays_positive_under_a_huge_learning_rate():
-    act = SmoothReLU()  # α = 400
-    assert [p for p in act.parameters()] == [act.raw_alpha]
-    x = torch.rand(1000) * 2
-    lr = 1e5
-    alphas = [act.alpha.item()]
-    for step in range(6):  # f grows with α, so minimising Σf pushes α down as hard as it can
-        act.raw_alpha.grad = None
-        act(x).sum().backward()
-        if step == 0:  # dα/draw = σ(raw) ≈ 1 at α = 400: an unconstrained α would go negative
-            assert alphas[0] - lr * act.raw_alpha.grad.item() / torch.sigmoid(act.raw_alpha).item() < 0
-        with torch.no_grad():  # plain SGD (torch.optim would import torch._dynamo: seconds on this machine)
-            act.raw_alpha -= lr * act.raw_alpha.grad
-        alphas.append(act.alpha.item())
-        assert math.isfinite(alphas[-1]) and alphas[-1] > 0
-    assert alphas[-1] < alphas[0] and all(b <= a for a, b in zip(alphas, alphas[1:]))
+def test_smoothrelu_is_parametrised_as_in_sat_official_code():
+    """SAT's smoothrelu_fn: learnable β starting at 20, α = β². One SGD step of lr η on β moves α by about
+    4β²·η·∂L/∂α = 1600·η·∂L/∂α, where a parametrisation with dα/dθ ≈ 1 (raydist's softplus one before) moved
+    it by η·∂L/∂α and α stayed at ~400 for the whole run."""
+    act = SmoothReLU()
+    assert [n for n, _ in act.named_parameters()] == ["beta"]
+    assert act.beta.item() == 20.0 and act.alpha.item() == 400.0
+    x = torch.rand(1000) * 0.05  # where f depends on α
+    act(x).sum().backward()
+    g_beta = act.beta.grad.item()
+    a = torch.tensor(400.0, requires_grad=True)
+    (g_alpha,) = torch.autograd.grad((x - torch.log1p(a * x) / a).sum(), a)  # ∂L/∂α at α = 400 (x >= 0)
+    g_alpha = g_alpha.item()
+    assert g_beta == pytest.approx(2 * 20.0 * g_alpha, rel=1e-4)
+    lr = 1e-3
+    with torch.no_grad():
+        act.beta -= lr * act.beta.grad
+    moved = act.alpha.item() - 400.0
+    assert moved == pytest.approx(-1600 * lr * g_alpha, rel=0.01)
+    with torch.no_grad():  # α = β² can never turn negative, however far β moves
+        act.beta.fill_(-3.0)
+    assert act.alpha.item() == pytest.approx(9.0)
     y = act(torch.linspace(-1, 5, 100))
     assert torch.isfinite(y).all() and (y >= -1e-6).all()
-    act(x).sum().backward()
-    assert torch.isfinite(act.raw_alpha.grad)
 
 
 def test_smoothrelu_is_one_alpha_per_layer_and_listed_for_no_weight_decay():
@@ -216,10 +220,10 @@ def test_smoothrelu_is_one_alpha_per_layer_and_listed_for_no_weight_decay():
     assert len(acts) == 17
     params = activation_parameters(model)
     assert len(params) == 17 and len({id(p) for p in params}) == 17
-    assert {id(p) for p in params} == {id(m.raw_alpha) for m in acts}
+    assert {id(p) for p in params} == {id(m.beta) for m in acts}
     assert activation_parameters(create_model("resnet18", width=4)) == []
     frozen = SmoothReLU(learnable=False)
-    assert list(frozen.parameters()) == [] and "raw_alpha" in frozen.state_dict()
+    assert list(frozen.parameters()) == [] and "beta" in frozen.state_dict()
 
 
 def test_smoothrelu_in_half_precision():

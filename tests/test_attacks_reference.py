@@ -71,7 +71,9 @@ CASES = {
     "apgd-t": (("apgd-t", {"n_iter": 10}), lambda m: torchattacks.APGDT(m, eps=EPS, steps=10, n_classes=10), 0.03),
     "fab-t": (("fab-t", {"n_iter": 10}),
               lambda m: torchattacks.FAB(m, eps=EPS, steps=10, n_classes=10, multi_targeted=True), 0.04),
-    "square": (("square", {"n_queries": 300}), lambda m: torchattacks.Square(m, eps=EPS, n_queries=300), 0.04),
+    # AutoAttack's Square (its p schedule not rescaled to n_queries), as raydist's square runs by default
+    "square": (("square", {"n_queries": 300}),
+               lambda m: torchattacks.Square(m, eps=EPS, n_queries=300, resc_schedule=False), 0.04),
 }
 
 

@@ -464,7 +464,44 @@ def test_apgd_checkpoints_and_square_schedule_follow_the_papers():
     assert all(1 <= k + 1 <= n for n in (1, 3, 10, 1000) for k in checkpoints(n))
     assert [p_schedule(i, 10000) for i in (0, 10, 11, 50, 51, 8000, 8001)] == [0.8, 0.8, 0.4, 0.4, 0.2,
                                                                               0.8 / 256, 0.8 / 512]
-    assert p_schedule(250, 5000) == 0.8 / 8  # rescaled: query 250 of 5000 is query 500 of 10000
+    assert p_schedule(251, 5000, rescale=True) == 0.8 / 16  # rescaled: query 251 of 5000 counts as 502 of 10000
+    assert p_schedule(251, 5000) == 0.8 / 8  # AutoAttack's (resc_schedule=False): the 10 000-query schedule
+
+
+# the side of the square at query i of AutoAttack's 5000 on a 32x32 image, worked out by hand from the Square
+# code's p_selection (p_init 0.8; p halves after queries 10, 50, 200, 500, 1000, 2000, 4000) and its
+# s = round(sqrt(p * h * w)): AutoAttack's Square never rescales the schedule to its 5000 queries
+OFFICIAL_SIDES_32 = {0: 29, 10: 29, 11: 20, 50: 20, 51: 14, 200: 14, 201: 10, 500: 10, 501: 7, 1000: 7, 1001: 5,
+                     2000: 5, 2001: 4, 4000: 4, 4001: 3, 4500: 3, 4999: 3}
+
+
+def test_square_side_follows_autoattack_schedule(trained, batch, monkeypatch):
+    """Inside AutoAttack (and by default) the side at query i is the official one: 3 px over the last 1000 of
+    5000 queries at 32x32. Rescaling the schedule to n_queries (the Square code's standalone default, which
+    raydist used inside AutoAttack before) shrinks it twice as fast, to 1 px over the same queries."""
+    import importlib
+
+    square_mod = importlib.import_module("raydist.attacks.square")  # the module (the package exports the function)
+
+    for i, side in OFFICIAL_SIDES_32.items():
+        assert square_mod.square_side(i, 5000, 32, 32) == side, i
+    assert {square_mod.square_side(i, 5000, 32, 32, rescale=True) for i in range(4001, 5000)} == {1}
+    assert square_mod.square_side(0, 5000, 4, 4) == 4  # never larger than the image
+
+    seen = []
+    real = square_mod.square_side
+
+    def spy(i, n_queries, h, w, p_init=0.8, rescale=False):
+        seen.append((i, n_queries, rescale))
+        return real(i, n_queries, h, w, p_init, rescale)
+
+    monkeypatch.setattr(square_mod, "square_side", spy)
+    x, y = batch
+    autoattack_details(trained, x, y, EPS, attacks=["square"], n_queries=40, seed=0)
+    assert seen and all(n == 40 and not rescale for _, n, rescale in seen)
+    seen.clear()
+    square(trained, x, y, EPS, n_queries=40, seed=0, rescale_schedule=True)
+    assert seen and all(rescale for _, _, rescale in seen)
 
 
 def test_square_is_black_box(trained, batch):

@@ -109,7 +109,9 @@ def test_paper_defaults():
     ckpt = create_method("fgsm_ckpt", model, opt, epsilon=EPS)
     assert ckpt.c == 3 and ckpt.alpha == pytest.approx(1.25 * EPS) and ckpt.random_start
     trades = create_method("trades", model, opt, epsilon=EPS)
-    assert trades.beta == 6.0 and trades.steps == 10 and trades.alpha == pytest.approx(EPS / 4)
+    # train_trades_cifar10.py: --epsilon 0.031 --step-size 0.007 (not eps/4 = 0.00775)
+    assert trades.beta == 6.0 and trades.steps == 10 and trades.alpha == pytest.approx(0.007 / 0.031 * EPS)
+    assert create_method("trades", model, opt, epsilon=0.031).alpha == pytest.approx(0.007)
     for name, bad in [("free_at", {"m": 0}), ("fgsm_ckpt", {"c": 0}), ("trades", {"beta": -1.0}),
                       ("fgsm_ga", {"grad_align_lambda": -0.1})]:
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):

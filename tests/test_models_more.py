@@ -34,7 +34,7 @@ from raydist.models.registry import Normalize
 CIFAR_NEW = {  # small settings for forward passes on CPU
     "wide_resnet34_10": {"width": 1},
     "wide_resnet28_10": {"width": 1},
-    "resnext29_32x4d": {"cardinality": 4, "bottleneck_width": 2},
+    "resnext29_32x4d": {"cardinality": 4, "bottleneck_width": 2, "width": 4},
     "efficientnet_b0_cifar": {"width_mult": 0.5, "depth_mult": 0.5},
 }
 RESNETS = {  # name: blocks (3 activations each, plus the stem's)
@@ -152,7 +152,7 @@ def test_efficientnet_cifar_downsamples_8x_and_is_silu_when_asked():
 def test_imagenet_models_swap_every_activation(name):
     model = on_meta(name, activation="smoothrelu")  # meta device: no memory, no initialisation
     expected = 1 + 3 * RESNETS[name] if name in RESNETS else EFFICIENTNETS[name][1]
-    alphas = [m.raw_alpha for m in model.modules() if isinstance(m, SmoothReLU)]
+    alphas = [m.beta for m in model.modules() if isinstance(m, SmoothReLU)]
     assert len(alphas) == expected and len({id(a) for a in alphas}) == expected  # one α per place
     assert count(model, OTHER_ACTIVATIONS) == 0  # no nn.ReLU / nn.SiLU left behind
     declared = {r["name"]: r["num_params"] for r in list_models()}[name]
@@ -180,6 +180,62 @@ def test_imagenet_models_run_on_small_images(name):
     assert model(x).shape == (1, 10)
     calls = functional_activation_calls(model, x)
     assert set(calls) == {"gelu"} and calls["gelu"] == count(model, nn.GELU)
+
+
+def test_resnext29_stage_widths_are_the_papers_for_every_cardinality():
+    """The ResNeXt paper's CIFAR models (facebookresearch/ResNeXt, models/resnext.lua): stage outputs 256, 512,
+    1024 whatever C x d; ResNeXt-29 8x64d has 34.4M and 16x64d 68.1M parameters (the paper's Table 7). The
+    2·C·d outputs of kuangliu's layout gave 8x64d 1024/2048/4096 channels."""
+    from raydist.models.registry import count_parameters
+
+    for c, d, millions in ((8, 64, 34.4), (16, 64, 68.1), (32, 4, 4.78)):
+        assert count_parameters("resnext29_32x4d", cardinality=c, bottleneck_width=d) / 1e6 == pytest.approx(
+            millions, abs=0.06), (c, d)
+        with torch.device("meta"):
+            net = create_model("resnext29_32x4d", cardinality=c, bottleneck_width=d).net
+        outs = [stage[-1].conv3.out_channels for stage in net.stages]
+        groups = [stage[0].conv2.out_channels for stage in net.stages]
+        assert outs == [256, 512, 1024] and groups == [c * d, 2 * c * d, 4 * c * d]
+
+
+@pytest.mark.parametrize("name, kw, last_bn", [
+    ("resnet18", {"width": 4}, "bn2"),
+    ("resnext29_32x4d", {"cardinality": 2, "bottleneck_width": 2, "width": 2}, "bn3"),
+])
+def test_zero_init_residual_starts_every_block_as_its_shortcut(name, kw, last_bn):
+    """SAT's ResNets (resnet_model.py: get_bn(zero_init=True) on each block's last BN): γ = 0, so each block's
+    residual branch adds nothing at initialisation. Off by default."""
+    torch.manual_seed(0)
+    model = create_model(name, zero_init_residual=True, **kw)
+    blocks = [m for m in model.modules() if hasattr(m, last_bn) and hasattr(m, "shortcut")]
+    assert len(blocks) == (8 if name == "resnet18" else 9)
+    for block in blocks:
+        assert torch.count_nonzero(getattr(block, last_bn).weight) == 0
+        h = torch.randn(2, block.conv1.in_channels, 8, 8)
+        block.eval()
+        with torch.no_grad():
+            assert torch.allclose(block(h), block.act3(block.shortcut(h)) if name != "resnet18"
+                                  else block.act2(block.shortcut(h)))
+    assert model.spec["kwargs"]["zero_init_residual"] is True
+    plain = create_model(name, **kw)
+    assert all(torch.count_nonzero(getattr(b, last_bn).weight) > 0
+               for b in plain.modules() if hasattr(b, last_bn) and hasattr(b, "shortcut"))
+    from raydist.models.registry import builder_kwargs
+
+    assert {"resnet50", "resnext50_32x4d", "resnext50_32x8d"} <= {  # torchvision's own zero_init_residual
+        n for n in ("resnet50", "resnext50_32x4d", "resnext50_32x8d", "efficientnet_b0")
+        if "zero_init_residual" in builder_kwargs(n)}
+
+
+def test_zero_init_residual_is_a_job_key_checked_per_model():
+    from raydist import config as C
+
+    cfg = C.validate({"model": {"name": "resnet18", "width": 8, "zero_init_residual": True}})
+    assert C.model_params(cfg) == {"width": 8, "zero_init_residual": True}
+    assert C.model_params(C.validate({"model": {"name": "resnet18"}})) == {}
+    for name in ("preact_resnet18", "efficientnet_b0"):
+        with pytest.raises(C.ConfigError, match=rf"model.zero_init_residual: model '{name}' has no BatchNorm"):
+            C.validate({"model": {"name": name, "zero_init_residual": True}})
 
 
 def test_imagenet_defaults_and_other_channel_counts():
@@ -220,7 +276,7 @@ def test_swap_activations_on_a_foreign_model():
 
 # -- pretrained weights and checkpoints --------------------------------------------------------
 
-SMALL = {"cardinality": 2, "bottleneck_width": 2}
+SMALL = {"cardinality": 2, "bottleneck_width": 2, "width": 2}
 
 
 def _model(**kw) -> nn.Module:
@@ -277,7 +333,7 @@ def test_checkpoint_round_trip_with_a_learnable_activation(tmp_path, name):
     model = create_model(name, activation="smoothrelu(alpha=50)", num_classes=5, **kw)
     with torch.no_grad():
         model.train()(torch.rand(4, 3, 32, 32))
-        next(m for m in model.modules() if isinstance(m, SmoothReLU)).raw_alpha.fill_(7.0)  # "learned"
+        next(m for m in model.modules() if isinstance(m, SmoothReLU)).beta.fill_(7.0)  # "learned"
     model.eval()
     loaded, ckpt = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model, epoch=1))
     assert ckpt["model"]["activation"] == "smoothrelu(alpha=50)" and ckpt["model"]["kwargs"] == kw

@@ -55,7 +55,8 @@ def autoattack_details(
             "apgd-dlr": lambda **kw: apgd_attack(loss="dlr", n_iter=n_iter, **kw),
             "apgd-t": lambda **kw: apgd_attack(n_iter=n_iter, n_target_classes=n_target_classes, **kw),
             "fab-t": lambda **kw: fab_attack(n_iter=fab_n_iter, n_target_classes=n_target_classes, **kw),
-            "square": lambda **kw: square_attack(n_queries=n_queries, **kw),
+            # AutoAttack runs Square with resc_schedule=False: the p schedule of 10 000 queries, cut at n_queries
+            "square": lambda **kw: square_attack(n_queries=n_queries, rescale_schedule=False, **kw),
         }
         for name in attacks:
             x_adv, _ = runners[name](model=model, x=x, y=y, eps=eps, robust=robust, x_adv=x_adv,

@@ -133,7 +133,8 @@ class TrainMethod:
 
     # -- extra state ------------------------------------------------------------------------
     def extra_optimizers(self) -> list[Optimizer]:
-        """Optimizers besides the model's (so the loop can schedule their learning rates)."""
+        """Optimizers besides the model's that follow the model's lr schedule (the loop schedules them); an
+        optimizer a method keeps at a constant lr (FGSM-SDI's generator, by default) is not listed."""
         return []
 
     def state_dict(self) -> dict[str, Any]:

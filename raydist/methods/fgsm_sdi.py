@@ -6,6 +6,18 @@ input gradient: g = sign ∇ₓCE(f(x), y), η = ε·G(x, g), and one FGSM step 
 the training example.  The target f and the generator play min-max: G *ascends* f's loss on
 that example (gradient flowing through η; the FGSM sign term is a constant), updated once
 every ``k`` target updates — k trades robustness against time.
+
+As in the reference (FGSM_SDI.py): the generator (models/generator.py, its One_Layer_Attacker) sees the image
+in [0, 1] (the reference normalises nothing: its utils.py has mean 0 and std 1); its Adam keeps lr 1e-3 for
+the whole run (the reference's attacker scheduler is stepped once per generator update and so never reaches its
+milestones, which are counted in target updates); the sign and the FGSM step use plain cross-entropy, the
+weight update and the generator's ascent the (label-smoothed) training loss; the model is in train mode
+(BatchNorm batch statistics) throughout, the generator in eval mode while it proposes the training example and
+in train mode for its own update.
+Deliberate deviations: the example is kept in the [0, 1] image box (x + η and the final x_adv are clamped), as
+every raydist method and attack does, where the reference adds η and the step without clamping; and the target
+model normalises its input with the dataset's statistics (every raydist model does), where the reference's sees
+the raw [0, 1] image.
 """
 
 from __future__ import annotations
@@ -54,7 +66,9 @@ class FGSMSDI(TrainMethod):
     """FGSM from a learned initialization; the generator is updated every ``k`` target steps."""
 
     name = "fgsm_sdi"
-    PARAMS = {"k": 20, "alpha": None, "generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_width": 64}
+    PARAMS = {"k": 20, "alpha": None, "generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_width": 64,
+              "generator_schedule": "constant"}
+    GENERATOR_SCHEDULES = ("constant", "model")
 
     def __init__(
         self,
@@ -66,12 +80,18 @@ class FGSMSDI(TrainMethod):
         generator_lr: float = 1e-3,
         generator_weight_decay: float = 5e-4,
         generator_width: int = 64,
+        generator_schedule: str = "constant",
         **common: Any,
     ) -> None:
         # common: epsilon, label_smoothing, autocast (see TrainMethod)
         super().__init__(model, optimizer, **common)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if generator_schedule not in self.GENERATOR_SCHEDULES:
+            raise ValueError(f"generator_schedule must be one of {', '.join(self.GENERATOR_SCHEDULES)}, "
+                             f"got {generator_schedule!r}")
+        # constant: Adam at generator_lr for the whole run, as in the reference; model: the model's lr schedule
+        self.generator_schedule = generator_schedule
         self.k = int(k)
         self.alpha = float(alpha) if alpha is not None else self.epsilon
         device = next(model.parameters()).device
@@ -139,7 +159,7 @@ class FGSMSDI(TrainMethod):
 
     # -- extra state ------------------------------------------------------------------------
     def extra_optimizers(self) -> list[Optimizer]:
-        return [self.generator_optimizer]
+        return [self.generator_optimizer] if self.generator_schedule == "model" else []
 
     def state_dict(self) -> dict[str, Any]:
         return {

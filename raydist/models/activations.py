@@ -20,8 +20,8 @@ gelu                   x·Φ(x)                                          yes
 elu                    x ≥ 0: x; x < 0: α(eˣ − 1), α = 1               only for α = 1 (f'(0⁻) = α)
 celu                   x ≥ 0: x; x < 0: α(e^{x/α} − 1), α = 1          yes, for every α
 mish                   x·tanh(softplus(x))                             yes
-smoothrelu             x ≥ 0: x − log(αx + 1)/α; x < 0: 0              yes; α learnable per layer,
-                                                                       kept positive, starts at 400
+smoothrelu             x ≥ 0: x − log(αx + 1)/α; x < 0: 0              yes; α = β² learnable per layer,
+                                                                       β starts at 20 (α = 400)
 relu_smoothgrad        ReLU forward; backward ReLU or σ(αx), α = 10    forward no; see below
 =====================  ==============================================  ===========================
 
@@ -106,28 +106,28 @@ class SmoothReLU(nn.Module):
     """``x − log(αx + 1)/α`` for x ≥ 0 and 0 below, with one learnable α per module.
 
     f'(x) = αx/(αx + 1) rises continuously from 0, so the function is C¹ (not C²: f''(0⁺) = α);
-    it tends to ReLU as α grows.  α is stored as ``raw_alpha`` with α = softplus(raw) + ``min_alpha``,
-    so gradient steps of any size keep it positive (``min_alpha`` guards against float underflow).
-    Half-precision inputs are computed in float32: x − log(1 + αx)/α cancels badly near 0.
-    Exclude ``raw_alpha`` from weight decay (see :func:`activation_parameters`): decay would pull α to 0.
+    it tends to ReLU as α grows.  α is parametrised as in SAT's official code (cihangxie/SmoothAdversarialTraining,
+    ResNet/resnet_model.py, ``smoothrelu_fn``): the learnable variable is β, α = β², β starting at 20 (α = 400).
+    So α is never negative and moves 2β = 40 times faster than β: one SGD step changes α by about 4β² = 1600
+    times what a step on α itself would (SAT's α does move during training; a parametrisation with dα/dθ ≈ 1
+    would keep it at ~400).  Half-precision inputs are computed in float32: x − log(1 + αx)/α cancels badly
+    near 0.  Exclude ``beta`` from weight decay (see :func:`activation_parameters`), as the official code does
+    (its decay pattern matches conv and fc weights only).
     """
 
-    def __init__(self, alpha: float = 400.0, learnable: bool = True, min_alpha: float = 1e-4) -> None:
+    def __init__(self, alpha: float = 400.0, learnable: bool = True) -> None:
         super().__init__()
         alpha = _positive(alpha, "smoothrelu alpha")
-        self.min_alpha = float(min_alpha)
-        if alpha <= self.min_alpha:
-            raise ValueError(f"smoothrelu alpha must exceed min_alpha={self.min_alpha}, got {alpha}")
-        a = alpha - self.min_alpha
-        raw = torch.tensor(a + math.log(-math.expm1(-a)))  # softplus⁻¹(a), stable for large a
+        beta = torch.tensor(math.sqrt(alpha))
         if learnable:
-            self.raw_alpha = nn.Parameter(raw)
+            self.beta = nn.Parameter(beta)
         else:
-            self.register_buffer("raw_alpha", raw)
+            self.register_buffer("beta", beta)
 
     @property
     def alpha(self) -> torch.Tensor:
-        return F.softplus(self.raw_alpha) + self.min_alpha
+        # β = 0 would make α = 0 and log1p(αx)/α = 0/0; the floor only matters there (where dα/dβ = 0 anyway)
+        return self.beta.square().clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -139,7 +139,7 @@ class SmoothReLU(nn.Module):
         return out.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha.item():.4g}, learnable={isinstance(self.raw_alpha, nn.Parameter)}"
+        return f"alpha={self.alpha.item():.4g}, learnable={isinstance(self.beta, nn.Parameter)}"
 
 
 class _ReLUWithSmoothGrad(torch.autograd.Function):

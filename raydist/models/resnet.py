@@ -48,6 +48,7 @@ class ResNet(nn.Module):
         activation: str = "relu",
         in_channels: int = 3,
         width: int = 64,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
@@ -65,6 +66,10 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        if zero_init_residual:  # SAT's ResNets: each block starts as its shortcut (γ of its last BN = 0)
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
@@ -73,6 +78,9 @@ class ResNet(nn.Module):
 
 
 @register_model("resnet18", description="CIFAR ResNet-18 (3x3 stem, no max-pool); width = base channels")
-def resnet18(num_classes: int, activation: str, in_channels: int, width: int = 64) -> nn.Module:
-    """ResNet-18 for 32x32 inputs, the architecture of the FGSM-SDI and PGD-AT tables."""
-    return ResNet([2, 2, 2, 2], num_classes, activation, in_channels, width)
+def resnet18(
+    num_classes: int, activation: str, in_channels: int, width: int = 64, zero_init_residual: bool = False
+) -> nn.Module:
+    """ResNet-18 for 32x32 inputs, the architecture of the FGSM-SDI and PGD-AT tables; ``zero_init_residual``
+    zero-initialises the last BatchNorm of every block, as SAT's ResNets do."""
+    return ResNet([2, 2, 2, 2], num_classes, activation, in_channels, width, zero_init_residual)

@@ -94,7 +94,11 @@ _RESNETS = {
     "resnet101": ([3, 4, 23, 3], 1, 64, 42_520_650, "ImageNet ResNet-101 (torchvision layout)"),
     "resnet152": ([3, 8, 36, 3], 1, 64, 58_164_298, "ImageNet ResNet-152 (torchvision layout)"),
     "resnext50_32x4d": ([3, 4, 6, 3], 32, 4, 23_000_394, "ImageNet ResNeXt-50 32x4d (torchvision layout)"),
-    "resnext50_32x8d": ([3, 4, 6, 3], 32, 8, 45_993_290, "ImageNet ResNeXt-50 32x8d (torchvision blocks)"),
+    # SAT's "4x wider" ResNeXt-50 (--d=50 --group=32 --res2-bottleneck=8); torchvision ships no such model, so it
+    # is torchvision's ResNet class with groups 32 and width_per_group 8
+    "resnext50_32x8d": ([3, 4, 6, 3], 32, 8, 45_993_290,
+                        "ImageNet ResNeXt-50 32x8d, SAT's 4x-wider ResNet (torchvision's blocks; not a torchvision "
+                        "model)"),
     "resnext101_32x8d": ([3, 4, 23, 3], 32, 8, 86_762_826, "ImageNet ResNeXt-101 32x8d (torchvision layout)"),
 }
 

@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raydist.config import method_params
+from raydist.config import method_params, model_params
 from raydist.data import DeviceLoader, load_dataset
 from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
@@ -29,7 +29,7 @@ from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.models.checkpoint import read_checkpoint
 from raydist.train import artifacts, ray_checkpoint
-from raydist.train.schedules import lr_multiplier
+from raydist.train.schedules import build_schedulers
 from raydist.train.speed import compile_model, setup_device, use_compile
 from raydist.train.watchdog import Watchdog
 
@@ -266,7 +266,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
 
     common = {"device": device, "rank": rank, "world_size": world, "channels_last": channels_last}
     feed = _data_feed(job, common, seed, session)
-    extra = {"width": mcfg["width"]} if mcfg["width"] is not None else {}
+    extra = model_params(job)
     torch.manual_seed(seed)  # identical initial weights on every worker
     model = create_model(mcfg["name"], num_classes=feed["num_classes"], activation=mcfg["activation"],
                          in_channels=feed["input_size"][0], mean=feed["mean"], std=feed["std"],
@@ -291,14 +291,11 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
                            **method_params(job))
     train_loader, val_loader, test_loader = feed["train"], feed["val"], feed["test"]
 
-    # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs
+    # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs;
+    # every schedule lands on the fraction of the run it names (train/schedules.py)
     updates_per_step = getattr(method, "updates_per_step", 1)
-    epochs = max(1, math.ceil(ocfg["epochs"] / getattr(method, "epoch_divisor", 1)))
+    epochs, schedulers = build_schedulers(ocfg, method, optimizer, len(train_loader))
     steps_per_epoch = len(train_loader) * updates_per_step
-    multiplier = lr_multiplier(ocfg["schedule"], epochs=epochs, steps_per_epoch=steps_per_epoch,
-                               milestones=ocfg["milestones"], gamma=ocfg["gamma"], peak=ocfg["peak"])
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
-                  for opt in [optimizer, *method.extra_optimizers()]]
 
     # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
     start_epoch, best_score, best_epoch, peak_pgd, train_seconds, stopped = 0, (-1.0, -1.0), 0, 0.0, 0.0, False
