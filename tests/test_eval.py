@@ -153,7 +153,7 @@ def trained_checkpoint(tmp_path_factory):
 
 def test_bf16_attacks_are_judged_in_fp32_and_match_fp32_ones(trained_checkpoint):
     """--precision bf16 runs the attack's passes in bf16 autocast; on this model it finds the same robust
-    accuracy as fp32 within a few points (README's Evaluation section has the per-sample comparison at full size)."""
+    accuracy as fp32 within a few points (docs/evaluation.md has the per-sample comparison at full size)."""
     from raydist.evaluate.actors import EvalWorker
 
     worker = EvalWorker({"dataset": "digits"}, use_gpu=False, threads=1)
