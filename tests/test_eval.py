@@ -128,7 +128,45 @@ def test_eval_report_samples_resume_and_a_killed_actor(tmp_path, checkpoint, cap
     for p in after[2:]:
         assert p.stat().st_mtime == mtimes[p.name]
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+    # every actor is gone at the end, the replacement of the killed one included
+    left = list_actors(address=gcs, filters=[("class_name", "=", "EvalWorker"), ("state", "=", "ALIVE")])
+    assert left == []
     ray.get([])  # the session's Ray is still usable
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_actors_need_neither_the_checkpoint_files_nor_the_dataset_on_their_node(tmp_path, checkpoint, monkeypatch):
+    """No shared filesystem: the driver puts each checkpoint's bytes and the test split into the object store;
+    the actors never open a path of the driver's. Here the checkpoint's directory disappears as soon as its
+    bytes are in the object store, before any actor starts, and the evaluation still finishes."""
+    import shutil
+
+    import ray
+
+    from raydist.evaluate import runner
+    from raydist.evaluate.actors import EvalWorker
+
+    mine = tmp_path / "ckpts"
+    shutil.copytree(checkpoint, mine)
+    put = ray.put
+
+    def put_then_lose(value, *args, **kwargs):
+        ref = put(value, *args, **kwargs)
+        if isinstance(value, bytes) and mine.exists():
+            mine.rename(tmp_path / "gone")  # the driver's file is no longer where its path says
+        return ref
+
+    monkeypatch.setattr(ray, "put", put_then_lose)
+    report = runner.run_evaluation([str(mine / "best.pt")], ["clean", "fgsm"], EPS, tmp_path / "eval", workers=1,
+                                   shard_size=24, samples=48)
+    assert not mine.exists() and report["rows"][0]["n"] == 48
+
+    # the same numbers as the actor class computes from the file itself
+    splits = load_dataset("digits")
+    worker = EvalWorker({"x": splits.test_x[:48].numpy(), "y": splits.test_y[:48].numpy()}, use_gpu=False)
+    blob = (tmp_path / "gone" / "best.pt").read_bytes()
+    direct = worker.evaluate("nowhere/best.pt", [blob], "fgsm", 0, 48, EPS, 48, seed=0)
+    assert report["rows"][0]["accuracy"]["fgsm"] == pytest.approx(direct["robust"].mean())
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +194,10 @@ def test_bf16_attacks_are_judged_in_fp32_and_match_fp32_ones(trained_checkpoint)
     accuracy as fp32 within a few points (docs/evaluation.md has the per-sample comparison at full size)."""
     from raydist.evaluate.actors import EvalWorker
 
-    worker = EvalWorker({"dataset": "digits"}, use_gpu=False, threads=1)
-    out = {p: worker.evaluate(str(trained_checkpoint), "pgd10", 0, 128, 8 / 255, 64, 0, None, p)
+    splits = load_dataset("digits")
+    worker = EvalWorker({"x": splits.test_x.numpy(), "y": splits.test_y.numpy()}, use_gpu=False, threads=1)
+    blob = [trained_checkpoint.read_bytes()]
+    out = {p: worker.evaluate(str(trained_checkpoint), blob, "pgd10", 0, 128, 8 / 255, 64, 0, None, p)
            for p in ("fp32", "bf16")}
     assert (out["fp32"]["clean_pred"] == out["bf16"]["clean_pred"]).all()  # the clean judgement is fp32
     clean = float((out["fp32"]["clean_pred"] == out["fp32"]["label"]).mean())

@@ -23,6 +23,7 @@ COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20
 WHITE_BOX = ("fgsm", "pgd10", "pgd20", "pgd50", "cw20", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 SWEEP_ATTACK = "pgd20"
 SETTINGS = "settings.json"  # in parts/: what a --resume must match
+IN_FLIGHT = 2  # shards queued per actor
 
 
 def _eps_tag(eps: float) -> str:
@@ -112,7 +113,8 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     if data_root is not None:
         data["root"] = data_root
     paths = [str(Path(p).resolve()) for p in checkpoints]
-    n_test = len(load_dataset(data["dataset"], **{k: v for k, v in data.items() if k != "dataset"}).test_y)
+    splits = load_dataset(data["dataset"], **{k: v for k, v in data.items() if k != "dataset"})
+    n_test = len(splits.test_y)
     n = n_test if samples is None else min(samples, n_test)
     ensure_ray()
     if overwrite and out.exists():
@@ -134,11 +136,25 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     print(f"raydist: evaluating {len(paths)} checkpoint(s) x {len(attacks)} attack(s) on {n} test images "
           f"({total} shards, {total - len(todo)} already done) with {workers} actor(s)", flush=True)
 
+    # the test split and every checkpoint travel through the object store once: an actor on any node works
+    # without the driver's files (no shared filesystem needed) and without the dataset on its own disk
+    test = ray.put({"x": splits.test_x[:n].numpy(), "y": splits.test_y[:n].numpy()})
+    blobs = [ray.put(Path(p).read_bytes()) for p in paths]
+    del splits
     remote = ray.remote(EvalWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or 0)
     threads = max(1, int(cpus_per_worker))
-    actors = [remote.remote(data, gpus_per_worker > 0, threads) for _ in range(max(1, workers))]
-    idle = deque(actors)
+    actors: list = []  # every actor started, replacements included: all are killed at the end
+
+    def start_actor() -> Any:
+        actor = remote.remote(test, gpus_per_worker > 0, threads)
+        actors.append(actor)
+        return actor
+
+    # two slots per actor: while it attacks one shard the next waits in its queue, so its device never idles
+    # between a result going back and the next shard coming in
+    idle = deque(a for a in [start_actor() for _ in range(max(1, workers))] for _ in range(IN_FLIGHT))
     running: dict[Any, tuple] = {}
+    dead: set = set()
     bar = tqdm(total=total, initial=total - len(todo), desc="shards", unit="shard")
     retries = 0
     try:
@@ -146,7 +162,8 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
             while todo and idle:
                 actor, task = idle.popleft(), todo.popleft()
                 c, a, e, s0, s1 = task
-                ref = actor.evaluate.remote(paths[c], a, s0, s1, e, batch_size, seed, attack_kwargs, precision)
+                ref = actor.evaluate.remote(paths[c], [blobs[c]], a, s0, s1, e, batch_size, seed, attack_kwargs,
+                                            precision)
                 running[ref] = (task, actor)
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
@@ -157,9 +174,14 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
                 retries += 1
                 if retries > 3 * len(actors) + total:
                     raise
-                todo.appendleft(task)  # the shard goes to another actor; this one is replaced
-                idle.append(remote.remote(data, gpus_per_worker > 0, threads))
-                bar.write(f"an evaluation actor died; shard {_part_name(task)} is redone on another")
+                todo.appendleft(task)  # the shard goes to another actor; this one is replaced (once)
+                if actor not in dead:
+                    dead.add(actor)
+                    while actor in idle:
+                        idle.remove(actor)
+                    fresh = start_actor()
+                    idle.extend([fresh] * IN_FLIGHT)
+                    bar.write(f"an evaluation actor died; shard {_part_name(task)} is redone on another")
                 continue
             c, a, e, s0, _ = task
             table = pa.table({"checkpoint": [c] * len(result["index"]), "attack": [a] * len(result["index"]),

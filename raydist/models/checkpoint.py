@@ -8,6 +8,7 @@ the weights of the *unwrapped* model — no DDP ``module.`` or ``torch.compile``
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -95,24 +96,27 @@ def _unsafe_global(err: BaseException) -> str | None:
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                    require: tuple[str, ...] = ()) -> dict:
+                    require: tuple[str, ...] = (), data: bytes | None = None) -> dict:
     """The content of a raydist checkpoint, read without running code.
 
     Always ``torch.load(weights_only=True)``: a checkpoint is tensors and plain data (the training state of
     ``last.pt`` included), so a file that asks the unpickler for anything else (a function to call, a class to
     build) is refused before it can run — a checkpoint downloaded from the internet is data, never a program.
     Every way a file can be unusable is a :class:`CheckpointError` with one line naming it; ``require`` names
-    top-level keys the caller needs (e.g. ``train_state`` for ``--resume``).
+    top-level keys the caller needs (e.g. ``train_state`` for ``--resume``). ``data``: the file's bytes, read
+    elsewhere (an evaluation actor on another node gets them through Ray's object store); ``path`` then only
+    names it in messages.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
+    if data is None:
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         bad = _unsafe_global(err)
         if bad:
@@ -132,10 +136,12 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                    data: bytes | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the model from the checkpoint's spec, load its weights, and return it in eval
-    mode on ``device`` together with the whole checkpoint dict."""
-    ckpt = read_checkpoint(path, map_location=device)
+    mode on ``device`` together with the whole checkpoint dict (``data``: the file's bytes, as in
+    :func:`read_checkpoint`)."""
+    ckpt = read_checkpoint(path, map_location=device, data=data)
     spec = ckpt.get("model")
     missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
     if missing or "state_dict" not in ckpt:
