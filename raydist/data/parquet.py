@@ -35,7 +35,8 @@ from PIL import Image
 
 from raydist.data.common import DataError, mix_seed
 from raydist.data.folders import SPLITS, Sample, split_image_folder
-from raydist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_batch, to_device_batch
+from raydist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, keep_decoded, to_device_batch,
+                                     try_transform)
 
 CLASSES_FILE = "classes.json"
 META_KEY = b"raydist"
@@ -322,31 +323,35 @@ class ParquetLoader:
         start = r * base + min(r, extra)
         return start, start + base + (1 if r < extra else 0)
 
-    def _rows(self) -> Iterator[tuple[bytes, int]]:
-        """This rank's (image bytes, label) rows for the epoch, shuffled through a bounded buffer."""
+    def _rows(self) -> Iterator[tuple[bytes, int, str]]:
+        """This rank's (image bytes, label, source path) rows for the epoch, shuffled through a bounded buffer."""
         order = list(range(len(self.files)))
         rng = np.random.default_rng(mix_seed(self.seed, self.epoch, self.rank, 11))
         if self.shuffle:
             order = np.random.default_rng(mix_seed(self.seed, self.epoch)).permutation(len(self.files)).tolist()
         lo, hi = self._rank_range()
 
-        def stream() -> Iterator[tuple[bytes, int]]:
+        def stream() -> Iterator[tuple[bytes, int, str]]:
             offset = 0
             for i in order:
                 a, b = max(lo - offset, 0), min(hi - offset, self.rows[i])
                 offset += self.rows[i]
                 if a >= b:
                     continue
-                table = pq.read_table(self.files[i], columns=["image", "label"]).slice(a, b - a)
+                has_path = "path" in pq.read_schema(self.files[i]).names
+                table = pq.read_table(self.files[i], columns=["image", "label"] + ["path"] * has_path)
+                table = table.slice(a, b - a)
                 images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
+                paths = table.column("path").to_pylist() if has_path else [f"{self.files[i]} row {a + k}"
+                                                                          for k in range(len(labels))]
                 idx = rng.permutation(len(labels)) if self.shuffle else range(len(labels))
                 for j in idx:
-                    yield images[j], labels[j]
+                    yield images[j], labels[j], paths[j]
 
         if not self.shuffle:
             yield from stream()
             return
-        buffer: list[tuple[bytes, int]] = []
+        buffer: list[tuple[bytes, int, str]] = []
         for row in stream():
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(row)
@@ -363,16 +368,17 @@ class ParquetLoader:
         aug = np.random.default_rng(mix_seed(self.seed, self.epoch, self.rank, 13))
         rows = self._rows()
         pool = ThreadPoolExecutor(self.num_threads) if self.num_threads > 0 else None
-        pending: list[tuple[Any, list[int]]] = []
+        pending: list[tuple[list[Any], list[int], list[str]]] = []
         try:
             for size in sizes:
                 batch = [next(rows) for _ in range(size)]
-                images, labels = [b[0] for b in batch], [b[1] for b in batch]
+                images, labels, names = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
                 seeds = aug.integers(0, 2**63 - 1, size=len(batch)).tolist()
                 if pool is None:
-                    pending.append((decode_batch(images, self.transform, seeds), labels))
+                    decoded = [try_transform(self.transform, d, s) for d, s in zip(images, seeds)]
                 else:  # decode this batch on the threads while the caller consumes the previous one
-                    pending.append(([pool.submit(self.transform, d, s) for d, s in zip(images, seeds)], labels))
+                    decoded = [pool.submit(try_transform, self.transform, d, s) for d, s in zip(images, seeds)]
+                pending.append((decoded, labels, names))
                 if len(pending) > 1:
                     yield self._finish(*pending.pop(0))
             while pending:
@@ -381,11 +387,9 @@ class ParquetLoader:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finish(self, decoded: Any, labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(decoded, list):  # futures of single images
-            size = self.transform.image_size
-            x = np.stack([f.result() for f in decoded]) if decoded else np.empty((0, size, size, 3), np.uint8)
-        else:
-            x = decoded
-        y = torch.tensor(labels, dtype=torch.int64)
+    def _finish(self, decoded: list[Any], labels: list[int], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's tensors; a corrupt image is dropped with a warning naming its source path."""
+        results = [d.result() if hasattr(d, "result") else d for d in decoded]
+        x, keep = keep_decoded(results, self.transform.image_size, names)
+        y = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
         return to_device_batch(torch.from_numpy(x), y, self.device, self.channels_last)
