@@ -509,3 +509,18 @@ def test_evaluation_split_covers_every_image(converted_ray):
     assert Counter(test_labels) == Counter(_read_split(converted_ray, "test")["label"])  # all 20, once each
     assert [len(got["train", i]) for i in range(3)] == [shard_rows(50, 3)] * 3 == [16] * 3
     assert shard_rows(20, 3, equal=False) == 7
+
+
+def test_cli_to_parquet_image_size_and_resize(tmp_path, imagenet_root, capsys):
+    from raydist.cli import main
+
+    args = ["data", "to-parquet", str(imagenet_root), "--split", "test", "--val-per-class", "1"]
+    assert main([*args[:3], str(tmp_path / "a"), *args[3:], "--image-size", "16"]) == 0
+    assert {min(Image.open(io.BytesIO(d)).size) for d in _read_split(tmp_path / "a", "test")["image"]} == {19}
+    assert main([*args[:3], str(tmp_path / "b"), *args[3:], "--resize", "0"]) == 0  # the source bytes
+    rows = _read_split(tmp_path / "b", "test")
+    assert all(d == (imagenet_root / rel).read_bytes() for rel, d in zip(rows["path"], rows["image"]))
+    capsys.readouterr()
+    assert main([*args[:3], str(tmp_path / "c"), *args[3:], "--resize", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "resize" in err and len(err.strip().splitlines()) == 1
