@@ -482,22 +482,28 @@ def test_object_store_size(monkeypatch):
         object_store_bytes(None)
 
 
+
 @pytest.mark.usefixtures("ray_session")
 def test_evaluation_split_covers_every_image(converted_ray):
-    """Ray Train's DataConfig as raydist configures it, for 3 workers: the 20 test rows are all evaluated
-    (an equal split would drop 2), the 50 train rows split equally (16 each)."""
+    """Ray Train's DataConfig as raydist passes it to the TorchTrainer (it calls configure once per dataset, with
+    keywords), for 3 workers: the 20 test rows are all evaluated (an equal split would drop 2), the 50 train rows
+    split equally (16 each)."""
     import threading
+
+    from ray import cloudpickle
+    from ray.train import DataConfig
 
     from raydist.data.streaming import data_config
 
-    datasets = {"train": image_dataset(converted_ray, "train", image_size=8),
-                "test": image_dataset(converted_ray, "test", image_size=8)}
-    shards = data_config().configure(datasets, world_size=3, worker_handles=None, worker_node_ids=None)
-    assert len(shards) == 3
+    config = cloudpickle.loads(cloudpickle.dumps(data_config()))  # it travels to Ray Train's controller
+    assert isinstance(config, DataConfig)
+    shards = {name: config.configure(datasets={name: image_dataset(converted_ray, name, image_size=8)},
+                                     world_size=3, worker_handles=None, worker_node_ids=None)
+              for name in ("test", "train")}
     got: dict[tuple[str, int], list[int]] = {}
 
     def consume(name: str, i: int) -> None:
-        got[name, i] = [int(y) for _, y in StreamingLoader(shards[i][name], batch_size=8) for y in y]
+        got[name, i] = [int(y) for _, ys in StreamingLoader(shards[name][i][name], batch_size=8) for y in ys]
 
     for name in ("test", "train"):
         threads = [threading.Thread(target=consume, args=(name, i)) for i in range(3)]
@@ -509,7 +515,6 @@ def test_evaluation_split_covers_every_image(converted_ray):
     assert Counter(test_labels) == Counter(_read_split(converted_ray, "test")["label"])  # all 20, once each
     assert [len(got["train", i]) for i in range(3)] == [shard_rows(50, 3)] * 3 == [16] * 3
     assert shard_rows(20, 3, equal=False) == 7
-
 
 def test_cli_to_parquet_image_size_and_resize(tmp_path, imagenet_root, capsys):
     from raydist.cli import main
