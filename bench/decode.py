@@ -82,7 +82,8 @@ def main() -> None:
               "cores_per_gpu_at_2000_img_s": round(gpu_rate / best, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"decode cores per GPU at {gpu_rate:.0f} train img/s (to-parquet copy): {result['cores_per_gpu_at_2000_img_s']}")
+    print(f"decode cores per GPU at {gpu_rate:.0f} train img/s (to-parquet copy): "
+          f"{result['cores_per_gpu_at_2000_img_s']}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ from PIL import Image
 
 from raydist.data.common import DataError, mix_seed
 from raydist.data.folders import SPLITS, Sample, split_image_folder
-from raydist.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageTransform, keep_decoded, to_device_batch,
-                                     try_transform)
+from raydist.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    keep_decoded,
+    to_device_batch,
+    try_transform,
+)
 
 CLASSES_FILE = "classes.json"
 META_KEY = b"raydist"

@@ -4,7 +4,7 @@ Recommended wiring (driver, then each worker)::
 
     train_ds = image_dataset(path, "train", image_size=224)          # shuffled files, random crop + flip
     val_ds = image_dataset(path, "val", image_size=224)              # resize + center crop
-    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds}, ...)
+    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(), ...)
     # in the loop, on every worker:
     loader = StreamingLoader(ray.train.get_dataset_shard("train"), batch_size=256, device=device,
                              num_rows=shard_rows(info.counts["train"], world_size))
@@ -13,9 +13,10 @@ Recommended wiring (driver, then each worker)::
 Ray Train splits the datasets it is given with ``streaming_split``; pass ``dataset_config=data_config()`` so
 that the train split is equal (every worker the same number of rows, up to world_size - 1 dropped, so DDP's
 per-step collectives line up) while the evaluation splits are not (``equal=False``: every row is read by
-exactly one worker, none dropped; evaluation sums its counts over workers once, at the end). Decoding and augmentation run in ``map_batches`` tasks that Ray Data schedules
-on the cluster's spare CPUs, and the pipeline is re-executed every epoch (fresh augmentation, nothing
-materialized); the train split's file order is reshuffled each epoch too.
+exactly one worker, none dropped; evaluation sums its counts over workers once, at the end). Decoding and
+augmentation run in ``map_batches`` tasks that Ray Data schedules on the cluster's spare CPUs, and the pipeline
+is re-executed every epoch (fresh augmentation, nothing materialized); the train split's file order is reshuffled
+each epoch too.
 
 Ray is imported inside the functions, so importing this module (and raydist.data) stays Ray-free.
 """
