@@ -32,7 +32,7 @@ test: install
 
 # Training throughput (raydist train with one Ray Train worker beside a plain PyTorch loop of the same method),
 # evaluation throughput (images/s per attack with 1, 2, 4 actors, fp32 and bf16), where a step's time goes (PyTorch
-# profiler) and, on a GPU, peak memory and the largest batch: on a GPU the H100 reference setting, on CPU a small
+# profiler), JPEG decoding images/s per core (plain vs draft) and, on a GPU, peak memory and the largest batch: on a GPU the H100 reference setting, on CPU a small
 # model. Writes bench/results/*.json. (On the project's GPU machine without a .venv: bench/gpu_check.sh.)
 bench: install
 	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
@@ -40,11 +40,13 @@ bench: install
 	  $(BIN)/python bench/eval_throughput.py --synthetic --width 64 --samples 8192 --gpu --actors 1,2,4 \
 	    --precision fp32,bf16 && \
 	  $(BIN)/python bench/profile_step.py --gpu && \
-	  $(BIN)/python bench/memory.py --gpu; \
+	  $(BIN)/python bench/memory.py --gpu && \
+	  $(BIN)/python bench/decode.py; \
 	else \
 	  $(BIN)/python bench/train_throughput.py && \
 	  $(BIN)/python bench/eval_throughput.py --synthetic --width 16 --samples 256 --actors 1,2 && \
-	  $(BIN)/python bench/profile_step.py; \
+	  $(BIN)/python bench/profile_step.py && \
+	  $(BIN)/python bench/decode.py; \
 	fi
 
 lint: install

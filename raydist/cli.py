@@ -139,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("src", help="dataset folder: train/<class>/*.JPEG and val/<class>/* (or Tiny ImageNet's)")
     tp.add_argument("dst", help="output folder")
     tp.add_argument("--shard-size", type=int, default=None, help="images per parquet file")
-    tp.add_argument("--resize", type=int, default=None, help="shrink the short side to this many pixels")
+    tp.add_argument("--resize", type=int, default=None,
+                    help="shrink the short side to this many pixels (default: 1.15 x --image-size; 0: keep the "
+                         "source files' bytes)")
+    tp.add_argument("--image-size", type=int, default=224, help="the resolution you will train at (224)")
     tp.add_argument("--val-per-class", type=int, default=None, help="validation images held out per class (10)")
     tp.add_argument("--val-size", type=int, default=None, help="validation images held out in all")
     tp.add_argument("--split", action="append", choices=("train", "val", "test"), default=None,
@@ -270,7 +273,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     try:
         written = folder_to_parquet(args.src, args.dst, split=args.split,
-                                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, resize=args.resize,
+                                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+                                    resize="auto" if args.resize is None else (args.resize or None),
+                                    image_size=args.image_size,
                                     num_workers=args.workers, val_size=args.val_size,
                                     val_per_class=args.val_per_class, overwrite=args.overwrite)
     except DataError as err:

@@ -91,7 +91,7 @@ def _machine(provider: str, node_config: dict) -> tuple[str, int, int]:
 
 def test_the_cluster_files_are_there():
     for name in ("aws.yaml", "gcp.yaml", "README.md", "local.md", "kuberay/raycluster.yaml",
-                 "kuberay/rayjob.yaml", "kuberay/shared-storage.yaml", "kuberay/Dockerfile"):
+                 "kuberay/rayjob.yaml", "kuberay/shared-storage.yaml", "Dockerfile"):
         assert (CLUSTERS / name).is_file(), name
     assert {p.name for p in LAUNCHERS} == {"aws.yaml", "gcp.yaml"}
     assert RAYCLUSTERS and RAYJOBS
@@ -122,11 +122,7 @@ def test_launcher_config_passes_what_ray_up_checks_first(path):
 
     cfg = prepare_config(copy.deepcopy(_load(path)))
     validate_config(cfg)
-    install = [c for c in cfg["head_setup_commands"] if "pip install" in c and "~/raydist" in c]
-    assert install, "the head does not install the project"
-    for name, node_type in _worker_types(cfg).items():
-        commands = node_type.get("worker_setup_commands", cfg["worker_setup_commands"])
-        assert any("pip install" in c and "~/raydist" in c for c in commands), f"{name} does not install it"
+    assert cfg["head_node_type"] in cfg["available_node_types"]
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
@@ -170,12 +166,18 @@ def test_launcher_node_types_gpu_spot_and_resources(path):
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
-def test_launcher_ships_and_installs_the_project(path):
+def test_launcher_runs_the_one_image_and_installs_nothing(path):
+    """Every node runs the image built from clusters/Dockerfile (torch, the project): no per-node pip install of
+    CUDA wheels, and no node type swaps in another image."""
     cfg = _load(path)
+    assert cfg["docker"]["image"] == _dockerfile_image()
+    assert "head_image" not in cfg["docker"] and "worker_image" not in cfg["docker"]
+    for name, node_type in cfg["available_node_types"].items():
+        assert not {"head_image", "worker_image", "image"} & set(node_type.get("docker", {})), name
+    commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+                for c in cfg.get(key, [])]
+    assert not any("torch" in c or "~/raydist" in c for c in commands), commands
     assert cfg["file_mounts"].get("~/raydist") == ".", "file_mounts must copy the repository root to ~/raydist"
-    setup = " ; ".join(cfg["setup_commands"])
-    assert re.search(r"pip install [^;]*-e ~/raydist", setup), setup
-    assert "torch" in setup and "download.pytorch.org/whl/cpu" in setup, "torch for GPU and CPU nodes"
     # the 6 GB .venv, runs/ and data/ stay home, but no source directory may be excluded with them: an
     # unanchored pattern matches at any depth, and `data` would drop the raydist/data package
     assert ".gitignore" in cfg.get("rsync_filter", []) or "/.venv" in cfg.get("rsync_exclude", [])
@@ -194,6 +196,17 @@ def test_launcher_start_commands_and_token(path):
                  "--dashboard-host=0.0.0.0"):
         assert flag in head, flag
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    # autoscaler v2 (the one that reads `priority`), the dashboard's Train view, metrics on every node
+    assert "RAY_enable_autoscaler_v2=1 " in head and "RAY_enable_autoscaler_v2=0" not in head
+    for commands in (head, worker):
+        assert "RAY_TRAIN_ENABLE_STATE_TRACKING=1 " in commands and "--metrics-export-port=8080" in commands
+    assert "RAY_PROMETHEUS_HOST=http://127.0.0.1:9090" in head and "RAY_GRAFANA_HOST=http://127.0.0.1:3000" in head
+    # Prometheus and Grafana from the image, with the configs Ray writes for the session, after `ray start`
+    start = head.index("ray start --head")
+    for binary, config in (("/opt/prometheus/prometheus", "/tmp/ray/session_latest/metrics/prometheus/prometheus.yml"),
+                           ("/opt/grafana/bin/grafana server", "/tmp/ray/session_latest/metrics/grafana/grafana.ini")):
+        assert head.index(binary) > start and config in head, binary
+        assert "/opt/" + binary.split("/")[2] in (CLUSTERS / "Dockerfile").read_text()
     if "~/.ray/auth_token" in cfg["file_mounts"]:
         # a node joining a token-protected head presents the token only with RAY_AUTH_MODE=token
         assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in worker
@@ -205,6 +218,96 @@ def test_launcher_mounts_shared_storage_into_the_container(path):
     cfg = _load(path)
     assert "--volume /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
     assert any("mkdir -p /mnt/shared" in c for c in cfg["initialization_commands"])
+
+
+def _v2_launches(cfg: dict, bundle: dict[str, float], count: int = 1,
+                 failed: tuple[str, ...] = ()) -> tuple[dict[str, int], int]:
+    """What Ray's v2 autoscaler launches for ``count`` pending ``bundle`` requests on an empty cluster of this
+    config, with the node types in ``failed`` having just failed to launch: ({node type: count}, infeasible)."""
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import ResourceRequestByCount
+
+    config = AutoscalingConfig(copy.deepcopy(cfg), skip_content_hash=True)
+    availability = {name: 0.0 for name in failed}
+    request = SchedulingRequest(
+        disable_launch_config_check=True, node_type_configs=config.get_node_type_configs(),
+        max_num_nodes=config.get_max_num_nodes(),
+        resource_requests=[ResourceRequestByCount(request=ResourceRequestUtil.make(bundle), count=count)],
+        cloud_resource_availabilities=availability, recoverable_resource_availabilities=availability)
+    reply = ResourceDemandScheduler().schedule(request)
+    return {r.instance_type: r.count for r in reply.to_launch}, len(reply.infeasible_resource_requests)
+
+
+def _imagenet_worker() -> dict[str, float]:
+    """One Ray Train worker of the ImageNet jobs: the request the GPU node types are sized for."""
+    sc = yaml.safe_load((ROOT / "jobs" / "imagenet_sat_resnet50_silu.yaml").read_text())["scaling"]
+    return {"CPU": float(sc["cpus_per_worker"]), "GPU": float(sc["gpus_per_worker"])}
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_v2_autoscaler_launches_spot_first_then_on_demand(path):
+    """Ray's v2 scheduler (what the head runs with RAY_enable_autoscaler_v2=1) on this file: an ImageNet worker
+    gets the default GPU type on spot, its on-demand twin once spot launches fail, never the pinned A100 type
+    unless asked for it; plain CPU work gets spot CPU nodes."""
+    cfg = _load(path)
+    provider = cfg["provider"]["type"]
+    types = _worker_types(cfg)
+    worker = _imagenet_worker()
+    launched, infeasible = _v2_launches(cfg, worker)
+    assert infeasible == 0 and len(launched) == 1, launched
+    (spot_type,) = launched
+    assert _is_spot(provider, types[spot_type]["node_config"]) and types[spot_type]["resources"].get("GPU")
+    assert not any(k.startswith("accelerator_type:") for k in types[spot_type]["resources"])
+    twins = [n for n, t in types.items() if n != spot_type and t["resources"] == types[spot_type]["resources"]
+             and not _is_spot(provider, t["node_config"])]
+    assert twins, f"{spot_type} has no on-demand twin with the same resources"
+    launched, _ = _v2_launches(cfg, worker, failed=(spot_type,))
+    assert set(launched) <= set(twins) and launched, launched
+    # a spot type and its on-demand twin declare the same resources, or v2's utilisation score (which comes
+    # before priority) would pick one of them whatever their priorities say
+    for name, node_type in types.items():
+        if node_type["resources"].get("GPU") and not _is_spot(provider, node_type["node_config"]):
+            machine = _machine(provider, node_type["node_config"])[0]
+            for other, spot in types.items():
+                if _is_spot(provider, spot["node_config"]) and _machine(provider, spot["node_config"])[0] == machine:
+                    assert spot["resources"] == node_type["resources"], (other, name)
+    # pinned types: only a request for their accelerator lands there
+    for name, node_type in types.items():
+        pins = [k for k in node_type["resources"] if k.startswith("accelerator_type:")]
+        for pin in pins:
+            launched, _ = _v2_launches(cfg, {**worker, pin: 0.001})
+            assert set(launched) == {name} or all(pin in types[n]["resources"] for n in launched), launched
+    launched, _ = _v2_launches(cfg, {"CPU": 1.0})
+    assert launched and all(_is_spot(provider, types[n]["node_config"]) and not types[n]["resources"].get("GPU")
+                            for n in launched), launched
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=_rel)
+def test_drivers_stay_off_spot_nodes(path):
+    """raydist/tune/runner.py asks for raydist_driver when the cluster declares it: the head and an on-demand
+    CPU type declare it, no spot type does, and a sweep trial's driver (0.01 CPU + raydist_driver) launches an
+    on-demand node while a compare run's driver (no CPU) fits the head."""
+    from raydist.tune.runner import DRIVER_RESOURCE, driver_resources, trial_resources
+
+    cfg = _load(path)
+    provider = cfg["provider"]["type"]
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]["resources"]
+    assert head.get(DRIVER_RESOURCE, 0) >= 100, "the head must declare raydist_driver"
+    declaring = {n for n, t in types.items() if t["resources"].get(DRIVER_RESOURCE)}
+    for name in declaring:
+        assert not _is_spot(provider, types[name]["node_config"]), f"spot type {name} declares {DRIVER_RESOURCE}"
+    assert not any(types[n]["resources"].get("GPU") for n in declaring), "drivers would hold a GPU node"
+    totals = {k: float(v) for t in types.values() for k, v in t["resources"].items()}
+    scaling = {"num_workers": 4, "cpus_per_worker": 8, "use_gpu": True, "gpus_per_worker": 1}
+    trial = trial_resources(scaling, cluster=totals)
+    assert DRIVER_RESOURCE in trial and trial["CPU"] > 0
+    launched, infeasible = _v2_launches(cfg, trial, count=8)
+    assert infeasible == 0 and launched and set(launched) <= declaring - {cfg["head_node_type"]}, launched
+    compare = driver_resources(totals)
+    assert all(head.get(k, 0) >= v for k, v in compare.items())
 
 
 # ---------------------------------------------------------------------------------------------------- KubeRay
@@ -258,6 +361,23 @@ def test_kuberay_cluster_spec(name, spec):
 
 
 @pytest.mark.parametrize("name, spec", CLUSTER_SPECS, ids=[n for n, _ in CLUSTER_SPECS])
+def test_kuberay_autoscaler_v2_train_view_and_metrics(name, spec):
+    assert spec["autoscalerOptions"].get("version") == "v2"
+    for group_name, group in _groups(spec):
+        assert group["rayStartParams"].get("metrics-export-port") == "8080", group_name
+        container = _containers(group["template"])[0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        # KubeRay refuses autoscalerOptions.version together with this variable on the head
+        assert "RAY_enable_autoscaler_v2" not in env, group_name
+        assert env.get("RAY_TRAIN_ENABLE_STATE_TRACKING") == "1", group_name
+        assert 8080 in {p["containerPort"] for p in container.get("ports", [])}, group_name
+        if group_name == "head":
+            assert env.get("RAY_PROMETHEUS_HOST", "").startswith("http") and env.get("RAY_GRAFANA_HOST")
+        else:
+            assert group["template"]["spec"].get("restartPolicy") == "Never", group_name
+
+
+@pytest.mark.parametrize("name, spec", CLUSTER_SPECS, ids=[n for n, _ in CLUSTER_SPECS])
 def test_rays_kuberay_autoscaler_reads_the_spec(name, spec):
     """The autoscaler sidecar derives its node types from the RayCluster with this function and validates them
     against Ray's schema; the GPU group must come out with GPUs, the head with none of the CPUs."""
@@ -270,6 +390,16 @@ def test_rays_kuberay_autoscaler_reads_the_spec(name, spec):
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0
     assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    # sweep trial drivers: the head and an on-demand CPU group declare raydist_driver, GPU groups do not
+    from raydist.tune.runner import DRIVER_RESOURCE
+
+    declaring = {n for n, t in types.items() if t["resources"].get(DRIVER_RESOURCE)}
+    assert cfg["head_node_type"] in declaring
+    assert any(types[n]["resources"].get("CPU", 0) > 0 for n in declaring), "no CPUs for trial drivers"
+    assert not any(types[n]["resources"].get("GPU") for n in declaring)
+    for group in spec["workerGroupSpecs"]:
+        if group["groupName"] in declaring:
+            assert not group["template"]["spec"].get("nodeSelector"), "a driver group on spot nodes"
 
 
 def _entrypoint(doc: dict) -> list[str]:
@@ -307,13 +437,13 @@ def _images(spec: dict) -> set[str]:
 def _ray_versions() -> dict[str, set[str]]:
     """Every Ray version these files pin, by file."""
     found: dict[str, set[str]] = {}
-    for path in LAUNCHERS:
-        text = yaml.safe_dump(_load(path))
+    for path in LAUNCHERS:  # they run the Dockerfile's image; their comments name its base
+        text = path.read_text()
         found[_rel(path)] = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-(?:cpu|gpu|cu\d+)", text))
     for name, spec in CLUSTER_SPECS:
         found[name] = {str(spec["rayVersion"])}
-    dockerfile = (CLUSTERS / "kuberay" / "Dockerfile").read_text()
-    found["clusters/kuberay/Dockerfile"] = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu", dockerfile))
+    dockerfile = (CLUSTERS / "Dockerfile").read_text()
+    found["clusters/Dockerfile"] = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)-py\d+-gpu", dockerfile))
     return found
 
 
@@ -325,12 +455,38 @@ def test_one_ray_version_and_one_image_everywhere():
     assert len(images) == 1, f"the RayCluster and the RayJob should run the same image: {images}"
 
 
+def _dockerfile_image() -> str:
+    """The image name clusters/Dockerfile's build command tags: what every cluster file must run."""
+    (tag,) = re.findall(r"docker build -f clusters/Dockerfile -t (\S+) \.", (CLUSTERS / "Dockerfile").read_text())
+    return tag
+
+
+def test_every_cluster_file_runs_the_dockerfiles_image():
+    image = _dockerfile_image()
+    for path in LAUNCHERS:
+        assert _load(path)["docker"]["image"] == image, _rel(path)
+    for name, spec in CLUSTER_SPECS:
+        for _, group in _groups(spec):
+            pod = group["template"]["spec"]
+            assert {c["image"] for c in pod["containers"] + pod.get("initContainers", [])} == {image}, name
+
+
+def test_the_nvidia_driver_the_wheels_need_is_stated():
+    """The image's CUDA wheels fix the lowest NVIDIA driver; the README and the Dockerfile name it."""
+    dockerfile = (CLUSTERS / "Dockerfile").read_text()
+    (cuda,) = re.findall(r"ARG TORCH_INDEX=https://download.pytorch.org/whl/cu(\d+)", dockerfile)
+    driver = {"130": "580", "129": "575", "128": "570", "126": "560"}[cuda]
+    readme = (CLUSTERS / "README.md").read_text()
+    assert f"driver >= {driver}" in dockerfile and re.search(rf"driver[^.]*>= ?{driver}", readme), driver
+
+
 def test_dockerfile_installs_the_project_and_the_job_files():
-    text = (CLUSTERS / "kuberay" / "Dockerfile").read_text()
+    text = (CLUSTERS / "Dockerfile").read_text()
     for needle in ("FROM ", "COPY --chown=ray:users raydist ", "COPY --chown=ray:users jobs ", "pip install",
                    "WORKDIR /home/ray/raydist"):
         assert needle in text, needle
-    ignore = (CLUSTERS / "kuberay" / "Dockerfile.dockerignore").read_text().split()
+    assert "--index-url ${TORCH_INDEX}" in text and "download.pytorch.org/whl/cu" in text  # the CUDA wheels
+    ignore = (CLUSTERS / "Dockerfile.dockerignore").read_text().split()
     assert {"!raydist/", "!jobs/", "!pyproject.toml"} <= set(ignore)
     # the manifests' containers start where the job files are
     for _, spec in CLUSTER_SPECS:

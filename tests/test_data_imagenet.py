@@ -399,3 +399,133 @@ def test_ray_data_train_stream_per_worker(converted_ray):
     loader = ParquetLoader(converted_ray, "train", image_size=12, batch_size=50, train=False)
     eval_x, eval_y = map(torch.cat, zip(*loader))
     assert len(set(_rows(x, y)) & set(_rows(eval_x, eval_y))) < 10  # random crops, not the eval center crops
+
+
+# ------------------------------------------------------------------- draft decoding, corrupt images, splits
+
+
+def _photo(width: int = 640, height: int = 480) -> bytes:
+    """A real photograph (scikit-learn's sample image) as a JPEG of the given size."""
+    from sklearn.datasets import load_sample_image
+
+    img = Image.fromarray(load_sample_image("china.jpg")).resize((width, height), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_draft_decoding_matches_full_decoding():
+    """Draft mode decodes a large JPEG at a DCT scale that still covers the crop with image_size pixels: the
+    crops are the same picture (same geometry, same seeds), within resampling differences."""
+    data = _photo()
+    for train in (False, True):
+        full = ImageTransform(64, train=train, draft=False)
+        draft = ImageTransform(64, train=train)
+        for seed in range(3):
+            a, b = full(data, seed).astype(np.float32), draft(data, seed).astype(np.float32)
+            assert a.shape == b.shape == (64, 64, 3)
+            assert np.abs(a - b).mean() < 6, (train, seed, np.abs(a - b).mean())
+    # a crop that needs the full resolution is not drafted: identical to the plain decode
+    big = ImageTransform(448, train=False)
+    assert np.array_equal(big(data), ImageTransform(448, train=False, draft=False)(data))
+
+
+def test_corrupt_images_are_skipped_with_a_warning_naming_them(tmp_path, imagenet_root, caplog):
+    import shutil
+
+    from raydist.data.streaming import decode_images
+
+    src = tmp_path / "src"
+    shutil.copytree(imagenet_root, src)
+    bad = sorted((src / "val" / WNIDS[0]).glob("*.JPEG"))[0]
+    bad.write_bytes(_photo()[:2000])  # a truncated JPEG: the header reads, the pixels do not
+    with caplog.at_level("WARNING"):
+        counts = folder_to_parquet(src, tmp_path / "pq", split="test", val_per_class=1, progress=False)
+    assert counts == {"test": 10 * VAL_PER_CLASS - 1}
+    assert any(str(bad) in r.getMessage() for r in caplog.records)
+    assert str(bad.relative_to(src)) not in _read_split(tmp_path / "pq", "test")["path"]
+
+    # decoding: a corrupt row in a parquet copy is dropped from its batch, named by its source path
+    rows = _read_split(tmp_path / "pq", "test")
+    images = [rows["image"][0], _photo()[:2000], rows["image"][1]]
+    batch = {"image": np.array(images, dtype=object), "label": np.array([3, 4, 5]),
+             "path": np.array(["a.JPEG", "broken/b.JPEG", "c.JPEG"], dtype=object)}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = decode_images(batch, ImageTransform(12, train=False))
+    assert out["image"].shape == (2, 12, 12, 3) and out["label"].tolist() == [3, 5]
+    assert any("broken/b.JPEG" in r.getMessage() for r in caplog.records)
+
+
+def test_conversion_resizes_to_1_15_image_size_by_default(tmp_path, imagenet_root):
+    from raydist.data.parquet import default_resize
+
+    assert default_resize(224) == 258 and default_resize(16) == 19
+    folder_to_parquet(imagenet_root, tmp_path, split="test", image_size=16, val_per_class=1, progress=False)
+    for data in _read_split(tmp_path, "test")["image"]:
+        assert min(Image.open(io.BytesIO(data)).size) == 19  # short side 24 -> 19
+    with pytest.raises(DataError, match="resize"):
+        folder_to_parquet(imagenet_root, tmp_path / "x", split="test", resize=0, val_per_class=1, progress=False)
+
+
+def test_object_store_size(monkeypatch):
+    from raydist.config import ConfigError
+    from raydist.train.driver import object_store_bytes
+
+    monkeypatch.delenv("RAYDIST_OBJECT_STORE_MB", raising=False)
+    assert object_store_bytes(None) == 512 * 1024**2
+    assert object_store_bytes({"data": {"stream": True}}) is None  # Ray's default, 30% of memory
+    monkeypatch.setenv("RAYDIST_OBJECT_STORE_MB", "4096")
+    assert object_store_bytes({"data": {"stream": True}}) == 4096 * 1024**2
+    monkeypatch.setenv("RAYDIST_OBJECT_STORE_MB", "lots")
+    with pytest.raises(ConfigError, match="RAYDIST_OBJECT_STORE_MB"):
+        object_store_bytes(None)
+
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_evaluation_split_covers_every_image(converted_ray):
+    """Ray Train's DataConfig as raydist passes it to the TorchTrainer (it calls configure once per dataset, with
+    keywords), for 3 workers: the 20 test rows are all evaluated (an equal split would drop 2), the 50 train rows
+    split equally (16 each)."""
+    import threading
+
+    from ray import cloudpickle
+    from ray.train import DataConfig
+
+    from raydist.data.streaming import data_config
+
+    config = cloudpickle.loads(cloudpickle.dumps(data_config()))  # it travels to Ray Train's controller
+    assert isinstance(config, DataConfig)
+    shards = {name: config.configure(datasets={name: image_dataset(converted_ray, name, image_size=8)},
+                                     world_size=3, worker_handles=None, worker_node_ids=None)
+              for name in ("test", "train")}
+    got: dict[tuple[str, int], list[int]] = {}
+
+    def consume(name: str, i: int) -> None:
+        got[name, i] = [int(y) for _, ys in StreamingLoader(shards[name][i][name], batch_size=8) for y in ys]
+
+    for name in ("test", "train"):
+        threads = [threading.Thread(target=consume, args=(name, i)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    test_labels = sum((got["test", i] for i in range(3)), [])
+    assert Counter(test_labels) == Counter(_read_split(converted_ray, "test")["label"])  # all 20, once each
+    assert [len(got["train", i]) for i in range(3)] == [shard_rows(50, 3)] * 3 == [16] * 3
+    assert shard_rows(20, 3, equal=False) == 7
+
+def test_cli_to_parquet_image_size_and_resize(tmp_path, imagenet_root, capsys):
+    from raydist.cli import main
+
+    args = ["data", "to-parquet", str(imagenet_root), "--split", "test", "--val-per-class", "1"]
+    assert main([*args[:3], str(tmp_path / "a"), *args[3:], "--image-size", "16"]) == 0
+    assert {min(Image.open(io.BytesIO(d)).size) for d in _read_split(tmp_path / "a", "test")["image"]} == {19}
+    assert main([*args[:3], str(tmp_path / "b"), *args[3:], "--resize", "0"]) == 0  # the source bytes
+    rows = _read_split(tmp_path / "b", "test")
+    assert all(d == (imagenet_root / rel).read_bytes() for rel, d in zip(rows["path"], rows["image"]))
+    capsys.readouterr()
+    assert main([*args[:3], str(tmp_path / "c"), *args[3:], "--resize", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "resize" in err and len(err.strip().splitlines()) == 1

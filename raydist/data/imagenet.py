@@ -25,7 +25,7 @@ import torch
 from raydist.data.common import DataError, DatasetSplits, make_splits
 from raydist.data.folders import check_image_folder, split_image_folder
 from raydist.data.parquet import describe_parquet, is_parquet_dataset, parquet_files
-from raydist.data.transforms import ImageTransform, decode_batch
+from raydist.data.transforms import ImageTransform, decode_rows
 
 FOLDERS: dict[str, str] = {"imagenet": "imagenet", "tiny_imagenet": "tiny-imagenet-200"}
 MAX_IN_MEMORY_BYTES = 16 * 1024**3  # decoded uint8; larger sets are streamed (data.stream)
@@ -58,9 +58,12 @@ def check_image_dataset(name: str, root: Path, download: bool = False) -> Path:
     return path
 
 
-def _decode_all(images: list[bytes], transform: ImageTransform, pool: ThreadPoolExecutor) -> torch.Tensor:
-    out = decode_batch(images, transform, executor=pool)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW, like the other datasets
+def _decode_all(images: list[bytes], labels: list[int], names: list[str], transform: ImageTransform,
+                pool: ThreadPoolExecutor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NCHW images (like the other datasets) and their labels; a corrupt image is skipped with a warning."""
+    out, keep = decode_rows(images, transform, executor=pool, names=names)
+    y = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), y
 
 
 def _read_file(path: str) -> bytes:
@@ -107,14 +110,16 @@ def load_image_dataset(
                 xs, ys = [], []
                 for f in info.files[s]:  # one file at a time: encoded bytes of a whole split never pile up
                     table = pq.read_table(f, columns=["image", "label"])
-                    xs.append(_decode_all(table.column("image").to_pylist(), transform, pool))
-                    ys.append(torch.tensor(table.column("label").to_pylist(), dtype=torch.int64))
+                    names = [f"{f} row {k}" for k in range(table.num_rows)]
+                    x, y = _decode_all(table.column("image").to_pylist(), table.column("label").to_pylist(), names,
+                                       transform, pool)
+                    xs.append(x)
+                    ys.append(y)
                 x, y = torch.cat(xs), torch.cat(ys)
             else:
                 samples = folders.split(s)
                 images = list(pool.map(_read_file, [p for p, _ in samples]))
-                x = _decode_all(images, transform, pool)
-                y = torch.tensor([label for _, label in samples], dtype=torch.int64)
+                x, y = _decode_all(images, [label for _, label in samples], [p for p, _ in samples], transform, pool)
             parts.append((x, y))
     return make_splits(name, *parts, num_classes=len(classes))
 

@@ -9,14 +9,17 @@ Layout written by ``folder_to_parquet`` (and read by everything else here and by
 
 Rows are shuffled (seeded) before sharding, so every shard mixes all classes and any prefix of a split is a
 fair sample of it. Each file's schema metadata repeats the class names and the split under ``raydist``.
-Images are kept encoded (JPEG/PNG bytes as found), optionally after shrinking the short side to ``resize``
-pixels, which makes both the files and the decoding several times cheaper for ImageNet.
+Images are kept encoded (JPEG/PNG bytes as found), by default after shrinking the short side to
+``RESIZE_FACTOR`` (1.15) x ``image_size`` pixels (258 for 224: the eval center crop, 224 of 256, keeps full
+resolution), which makes both the files and the decoding several times cheaper for ImageNet. A source image PIL
+cannot decode is left out with a warning naming it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -35,11 +38,26 @@ from PIL import Image
 
 from raydist.data.common import DataError, mix_seed
 from raydist.data.folders import SPLITS, Sample, split_image_folder
-from raydist.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, decode_batch, to_device_batch
+from raydist.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    keep_decoded,
+    to_device_batch,
+    try_transform,
+)
 
 CLASSES_FILE = "classes.json"
 META_KEY = b"raydist"
 DEFAULT_SHARD_SIZE = 1024
+DEFAULT_IMAGE_SIZE = 224
+RESIZE_FACTOR = 1.15
+logger = logging.getLogger(__name__)
+
+
+def default_resize(image_size: int = DEFAULT_IMAGE_SIZE) -> int:
+    """The short side images are stored at for a model trained at ``image_size``: 1.15 x, rounded up."""
+    return math.ceil(RESIZE_FACTOR * image_size)
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("path", pa.string())])
 
 
@@ -50,18 +68,23 @@ def _workers(num_workers: int | None) -> int:
 # --------------------------------------------------------------------------------------------- conversion
 
 
-def _encoded(path: str, resize: int | None, quality: int) -> bytes:
+def _encoded(path: str, resize: int | None, quality: int) -> bytes | None:
     """The file's bytes, or a re-encoding (same format: JPEG stays JPEG, others become PNG) with the short
-    side shrunk to ``resize``. Images already that small are kept byte for byte (never upscaled)."""
+    side shrunk to ``resize``. Images already that small are kept byte for byte (never upscaled). An image
+    that does not decode completely is None, with a warning naming it."""
     with open(path, "rb") as f:
         data = f.read()
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only: checks the file is an image
-        if resize is None or min(img.size) <= resize:
+        img = Image.open(io.BytesIO(data))  # the header
+        keep = resize is None or min(img.size) <= resize
+        if not keep and img.format == "JPEG":  # DCT scaling down to no less than twice the target, then resize
+            img.draft("RGB", tuple(max(1, 2 * resize * s // min(img.size)) for s in img.size))
+        img.load()  # decodes it all: a truncated or broken file fails here, not in every epoch of training
+        if keep:
             return data
-        img.load()
     except Exception as e:  # PIL raises several types for broken files
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        logger.warning("skipping corrupt image %s: %s: %s", path, type(e).__name__, e)
+        return None
     fmt = "JPEG" if img.format == "JPEG" else "PNG"
     if fmt == "JPEG" and img.mode != "RGB":
         img = img.convert("RGB")  # CMYK / grayscale-with-alpha cannot be saved as JPEG as they are
@@ -82,6 +105,8 @@ def _write_shard(
     for path, _ in rows:
         images.append(_encoded(path, resize, quality))
         tick()
+    rows = [row for row, data in zip(rows, images) if data is not None]
+    images = [data for data in images if data is not None]
     paths = [os.path.relpath(p, root) for p, _ in rows]
     table = pa.table(
         [pa.array(images, pa.binary()), pa.array([y for _, y in rows], pa.int64()), pa.array(paths, pa.string())],
@@ -99,7 +124,8 @@ def folder_to_parquet(
     *,
     split: str | Sequence[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    resize: int | None = None,
+    resize: int | None | str = "auto",
+    image_size: int = DEFAULT_IMAGE_SIZE,
     num_workers: int | None = None,
     val_size: int | None = None,
     val_per_class: int | None = None,
@@ -114,15 +140,21 @@ def folder_to_parquet(
     source's train folders (``val_size`` total or ``val_per_class``, default 10 per class, seeded by
     ``split_seed``) and never appears in train; test is the official validation set. Converting splits in
     separate calls with the same arguments gives the same partition.
-    shard_size: rows per parquet file. resize: shrink the short side to this many pixels (re-encoding).
+    shard_size: rows per parquet file. resize: shrink the short side to this many pixels (re-encoding); "auto"
+    (default): ``default_resize(image_size)``, 1.15 x the training resolution; None: keep the source bytes.
+    A source image that does not decode is left out with a warning naming it.
     num_workers: threads encoding shards in parallel (None: up to 8; 0: in this thread).
     overwrite: replace a split's existing part files (otherwise existing files are an error).
     Returns the number of images written per split. Raises DataError naming the path for missing input.
     """
     if shard_size < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
-    if resize is not None and resize < 1:
-        raise DataError(f"resize must be a positive short-side length, got {resize}")
+    if resize == "auto":
+        if image_size < 1:
+            raise DataError(f"image_size must be positive, got {image_size}")
+        resize = default_resize(image_size)
+    if resize is not None and (not isinstance(resize, int) or resize < 1):
+        raise DataError(f"resize must be a positive short-side length, \"auto\" or None, got {resize!r}")
     wanted = list(SPLITS) if split is None else [split] if isinstance(split, str) else list(split)
     unknown = [s for s in wanted if s not in SPLITS]
     if unknown or not wanted:
@@ -322,31 +354,35 @@ class ParquetLoader:
         start = r * base + min(r, extra)
         return start, start + base + (1 if r < extra else 0)
 
-    def _rows(self) -> Iterator[tuple[bytes, int]]:
-        """This rank's (image bytes, label) rows for the epoch, shuffled through a bounded buffer."""
+    def _rows(self) -> Iterator[tuple[bytes, int, str]]:
+        """This rank's (image bytes, label, source path) rows for the epoch, shuffled through a bounded buffer."""
         order = list(range(len(self.files)))
         rng = np.random.default_rng(mix_seed(self.seed, self.epoch, self.rank, 11))
         if self.shuffle:
             order = np.random.default_rng(mix_seed(self.seed, self.epoch)).permutation(len(self.files)).tolist()
         lo, hi = self._rank_range()
 
-        def stream() -> Iterator[tuple[bytes, int]]:
+        def stream() -> Iterator[tuple[bytes, int, str]]:
             offset = 0
             for i in order:
                 a, b = max(lo - offset, 0), min(hi - offset, self.rows[i])
                 offset += self.rows[i]
                 if a >= b:
                     continue
-                table = pq.read_table(self.files[i], columns=["image", "label"]).slice(a, b - a)
+                has_path = "path" in pq.read_schema(self.files[i]).names
+                table = pq.read_table(self.files[i], columns=["image", "label"] + ["path"] * has_path)
+                table = table.slice(a, b - a)
                 images, labels = table.column("image").to_pylist(), table.column("label").to_pylist()
+                paths = table.column("path").to_pylist() if has_path else [f"{self.files[i]} row {a + k}"
+                                                                          for k in range(len(labels))]
                 idx = rng.permutation(len(labels)) if self.shuffle else range(len(labels))
                 for j in idx:
-                    yield images[j], labels[j]
+                    yield images[j], labels[j], paths[j]
 
         if not self.shuffle:
             yield from stream()
             return
-        buffer: list[tuple[bytes, int]] = []
+        buffer: list[tuple[bytes, int, str]] = []
         for row in stream():
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(row)
@@ -363,16 +399,17 @@ class ParquetLoader:
         aug = np.random.default_rng(mix_seed(self.seed, self.epoch, self.rank, 13))
         rows = self._rows()
         pool = ThreadPoolExecutor(self.num_threads) if self.num_threads > 0 else None
-        pending: list[tuple[Any, list[int]]] = []
+        pending: list[tuple[list[Any], list[int], list[str]]] = []
         try:
             for size in sizes:
                 batch = [next(rows) for _ in range(size)]
-                images, labels = [b[0] for b in batch], [b[1] for b in batch]
+                images, labels, names = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
                 seeds = aug.integers(0, 2**63 - 1, size=len(batch)).tolist()
                 if pool is None:
-                    pending.append((decode_batch(images, self.transform, seeds), labels))
+                    decoded = [try_transform(self.transform, d, s) for d, s in zip(images, seeds)]
                 else:  # decode this batch on the threads while the caller consumes the previous one
-                    pending.append(([pool.submit(self.transform, d, s) for d, s in zip(images, seeds)], labels))
+                    decoded = [pool.submit(try_transform, self.transform, d, s) for d, s in zip(images, seeds)]
+                pending.append((decoded, labels, names))
                 if len(pending) > 1:
                     yield self._finish(*pending.pop(0))
             while pending:
@@ -381,11 +418,9 @@ class ParquetLoader:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finish(self, decoded: Any, labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(decoded, list):  # futures of single images
-            size = self.transform.image_size
-            x = np.stack([f.result() for f in decoded]) if decoded else np.empty((0, size, size, 3), np.uint8)
-        else:
-            x = decoded
-        y = torch.tensor(labels, dtype=torch.int64)
+    def _finish(self, decoded: list[Any], labels: list[int], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's tensors; a corrupt image is dropped with a warning naming its source path."""
+        results = [d.result() if hasattr(d, "result") else d for d in decoded]
+        x, keep = keep_decoded(results, self.transform.image_size, names)
+        y = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
         return to_device_batch(torch.from_numpy(x), y, self.device, self.channels_last)

@@ -4,17 +4,19 @@ Recommended wiring (driver, then each worker)::
 
     train_ds = image_dataset(path, "train", image_size=224)          # shuffled files, random crop + flip
     val_ds = image_dataset(path, "val", image_size=224)              # resize + center crop
-    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds}, ...)
+    trainer = TorchTrainer(loop, datasets={"train": train_ds, "val": val_ds}, dataset_config=data_config(), ...)
     # in the loop, on every worker:
     loader = StreamingLoader(ray.train.get_dataset_shard("train"), batch_size=256, device=device,
                              num_rows=shard_rows(info.counts["train"], world_size))
     for x, y in loader: ...                                          # x float [0, 1] NCHW, y int64, on device
 
-Ray Train splits every dataset it is given with ``streaming_split(world_size, equal=True)``: each worker
-reads a disjoint part, all workers get the same number of rows (up to world_size - 1 rows are dropped), so
-DDP's collectives line up. Decoding and augmentation run in ``map_batches`` tasks that Ray Data schedules
-on the cluster's spare CPUs, and the pipeline is re-executed every epoch (fresh augmentation, nothing
-materialized); the train split's file order is reshuffled each epoch too.
+Ray Train splits the datasets it is given with ``streaming_split``; pass ``dataset_config=data_config()`` so
+that the train split is equal (every worker the same number of rows, up to world_size - 1 dropped, so DDP's
+per-step collectives line up) while the evaluation splits are not (``equal=False``: every row is read by
+exactly one worker, none dropped; evaluation sums its counts over workers once, at the end). Decoding and
+augmentation run in ``map_batches`` tasks that Ray Data schedules on the cluster's spare CPUs, and the pipeline
+is re-executed every epoch (fresh augmentation, nothing materialized); the train split's file order is reshuffled
+each epoch too.
 
 Ray is imported inside the functions, so importing this module (and raydist.data) stays Ray-free.
 """
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from raydist.data.parquet import parquet_files
-from raydist.data.transforms import DEFAULT_CROP_FRACTION, ImageTransform, decode_batch, to_device_batch
+from raydist.data.transforms import DEFAULT_CROP_FRACTION, ImageTransform, decode_rows, to_device_batch
 
 if TYPE_CHECKING:
     import ray.data
@@ -58,11 +60,11 @@ def parquet_dataset(
 
 
 def decode_images(batch: dict[str, np.ndarray], transform: ImageTransform) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` step: encoded ``image`` bytes -> uint8 [B, S, S, 3]; labels become int64."""
-    return {
-        "image": decode_batch(list(batch["image"]), transform),  # train randomness: fresh entropy per image
-        "label": np.asarray(batch["label"], dtype=np.int64),
-    }
+    """Ray Data ``map_batches`` step: encoded ``image`` bytes -> uint8 [B, S, S, 3]; labels become int64. A row
+    whose image cannot be decoded is dropped with a warning naming its source ``path`` (when the batch has it)."""
+    names = [str(p) for p in batch["path"]] if "path" in batch else None
+    images, keep = decode_rows(list(batch["image"]), transform, names=names)  # train: fresh entropy per image
+    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
 
 def image_dataset(
@@ -86,7 +88,7 @@ def image_dataset(
     """
     train = split == "train" if train is None else train
     transform = ImageTransform(image_size, train=train, scale=scale, flip=flip, crop_fraction=crop_fraction)
-    ds = parquet_dataset(path, split, shuffle_files=train)
+    ds = parquet_dataset(path, split, shuffle_files=train, columns=_columns(path, split))
     return ds.map_batches(
         decode_images,
         fn_kwargs={"transform": transform},
@@ -96,9 +98,44 @@ def image_dataset(
     )
 
 
-def shard_rows(total_rows: int, world_size: int) -> int:
-    """Rows each worker gets from Ray Train's equal split of a ``total_rows`` dataset."""
-    return total_rows // max(1, world_size)
+def _columns(path: str | os.PathLike[str], split: str) -> list[str]:
+    """image and label, plus the source path where the files have it (to name a corrupt image)."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(parquet_files(path, split)[0]).names
+    return ["image", "label"] + (["path"] if "path" in names else [])
+
+
+EQUAL_SPLIT = ("train",)  # the datasets DDP steps through in lockstep; evaluation splits are split unequally
+
+
+def shard_rows(total_rows: int, world_size: int, equal: bool = True) -> int:
+    """Rows each worker gets from Ray Train's split of a ``total_rows`` dataset: exactly, for an equal split;
+    for an unequal one (evaluation, see ``data_config``) the even share rounded up, as shards differ by blocks."""
+    world_size = max(1, world_size)
+    return total_rows // world_size if equal else -(-total_rows // world_size)
+
+
+def data_config(equal: tuple[str, ...] = EQUAL_SPLIT):
+    """Ray Train's ``DataConfig`` for ``TorchTrainer(dataset_config=...)``: the datasets named in ``equal`` split
+    with ``streaming_split(n, equal=True)`` (same row count on every worker), the others with ``equal=False``, so
+    that evaluation reads every row once instead of dropping up to world_size - 1 of them."""
+    from ray.train import DataConfig
+
+    class _Config(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, part in enumerate(ds.streaming_split(world_size, equal=name in equal, locality_hints=hints)):
+                    output[i][name] = part
+            return output
+
+    return _Config()
 
 
 class StreamingLoader:

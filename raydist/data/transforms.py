@@ -5,7 +5,10 @@
 - eval: resize the short side to ``image_size / crop_fraction`` and take the central ``image_size`` square
   (crop_fraction 0.875: the classic 256 -> 224; SAT's 299 and 380 scale the same way).
 
-Each crop and its resize are a single ``Image.resize(..., box=...)`` call (antialiased, one resampling).
+Each crop and its resize are a single ``Image.resize(..., box=...)`` call (antialiased, one resampling). A JPEG
+is decoded in PIL's draft mode: libjpeg's DCT scaling decodes it at 1/2, 1/4 or 1/8 of its size whenever the crop
+still has at least ``image_size`` pixels per side at that scale, so no output pixel is upsampled more than without
+it, and large images decode several times faster (bench/decode.py).
 Output is uint8 HWC (what PIL gives; the batch is made NCHW on the device, see ``to_device_batch``) so
 only a quarter of the float bytes ever crosses to the accelerator. Randomness comes from an explicit
 seed per image, so a batch decoded by several threads is still a function of its seeds.
@@ -14,6 +17,7 @@ seed per image, so a batch decoded by several threads is still a function of its
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -26,6 +30,11 @@ from PIL import Image
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_CROP_FRACTION = 0.875
+logger = logging.getLogger(__name__)
+
+
+class CorruptImage(ValueError):
+    """An image that PIL cannot decode (truncated, not an image, unsupported)."""
 
 
 def open_rgb(data: bytes) -> Image.Image:
@@ -94,19 +103,78 @@ class ImageTransform:
         if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"bad random-resized-crop scale {self.scale} or ratio {self.ratio}")
 
+    draft: bool = True
+
     def __call__(self, data: bytes, seed: int | None = None) -> np.ndarray:
-        """Transform one encoded image. ``seed`` drives the train randomness (None: fresh entropy)."""
-        img = open_rgb(data)
+        """Transform one encoded image. ``seed`` drives the train randomness (None: fresh entropy).
+        Raises CorruptImage for bytes PIL cannot decode."""
+        try:
+            img = Image.open(io.BytesIO(data))  # the header: size and format, nothing decoded yet
+            width, height = img.size
+            rng = np.random.default_rng(seed) if self.train else None
+            if rng is None:
+                box = center_box(width, height, self.crop_fraction)
+            else:
+                box = random_resized_box(width, height, rng, self.scale, self.ratio)
+            if self.draft and img.format == "JPEG":
+                # the smallest DCT scale that keeps >= image_size pixels across the crop box
+                reduce = min((box[2] - box[0]) / self.image_size, (box[3] - box[1]) / self.image_size)
+                if reduce >= 2:
+                    img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+                    sx, sy = img.size[0] / width, img.size[1] / height
+                    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            img.load()
+            img = img if img.mode == "RGB" else img.convert("RGB")
+        except Exception as e:  # PIL raises several types for broken data
+            raise CorruptImage(f"{type(e).__name__}: {e}") from e
         size = (self.image_size, self.image_size)
-        if not self.train:
-            box = center_box(img.width, img.height, self.crop_fraction)
+        if rng is None:
             return np.asarray(img.resize(size, Image.Resampling.BILINEAR, box=box))
-        rng = np.random.default_rng(seed)
-        box = random_resized_box(img.width, img.height, rng, self.scale, self.ratio)
         out = img.resize(size, Image.Resampling.BILINEAR, box=box)
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)
+
+
+def try_transform(transform: ImageTransform, data: bytes, seed: int | None = None) -> np.ndarray | str:
+    """``transform(data, seed)``, or the reason as a string when the image cannot be decoded."""
+    try:
+        return transform(data, seed)
+    except CorruptImage as e:
+        return str(e)
+
+
+def keep_decoded(results: Sequence[np.ndarray | str], image_size: int,
+                 names: Sequence[str] | None = None) -> tuple[np.ndarray, list[int]]:
+    """Stack the decoded images of ``try_transform`` results into uint8 [B', H, W, 3] with the indices kept; each
+    failure is logged as a warning naming the image (``names[i]``, else its row in the batch)."""
+    keep = []
+    for i, r in enumerate(results):
+        if isinstance(r, str):
+            logger.warning("skipping corrupt image %s: %s", names[i] if names is not None else f"row {i}", r)
+        else:
+            keep.append(i)
+    if not keep:
+        return np.empty((0, image_size, image_size, 3), dtype=np.uint8), keep
+    return np.stack([results[i] for i in keep]), keep
+
+
+def decode_rows(
+    images: Sequence[bytes],
+    transform: ImageTransform,
+    seeds: Sequence[int] | None = None,
+    executor: Executor | None = None,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Transform a batch of encoded images into uint8 [B', H, W, 3] and the indices of the rows kept, optionally
+    on an executor's threads (PIL releases the GIL while decoding and resizing). An image PIL cannot decode is
+    skipped with a warning naming it (``names[i]``, e.g. its source path)."""
+    seeds = list(seeds) if seeds is not None else [None] * len(images)
+    if executor is None:
+        results = [try_transform(transform, data, seed) for data, seed in zip(images, seeds)]
+    else:
+        results = list(executor.map(try_transform, [transform] * len(images), images, seeds))
+    return keep_decoded(results, transform.image_size, names)
 
 
 def decode_batch(
@@ -115,8 +183,7 @@ def decode_batch(
     seeds: Sequence[int] | None = None,
     executor: Executor | None = None,
 ) -> np.ndarray:
-    """Transform a batch of encoded images into uint8 [B, H, W, 3], optionally on an executor's threads
-    (PIL releases the GIL while decoding and resizing)."""
+    """``decode_rows`` for a batch known to be intact: uint8 [B, H, W, 3]; CorruptImage if one is not."""
     seeds = list(seeds) if seeds is not None else [None] * len(images)
     if executor is None:
         arrays = [transform(data, seed) for data, seed in zip(images, seeds)]

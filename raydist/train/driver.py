@@ -91,8 +91,29 @@ def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
-        start_local_ray(include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
+        start_local_ray(include_dashboard=True, log_to_driver=True, object_store_memory=object_store_bytes(cfg),
                         logging_level="warning")
+
+
+SMALL_OBJECT_STORE_MB = 512
+
+
+def object_store_bytes(cfg: dict[str, Any] | None) -> int | None:
+    """The object store of the local Ray raydist starts: RAYDIST_OBJECT_STORE_MB when set (0: Ray's default, 30%
+    of memory); else Ray's default for a job that streams data through Ray Data (decoded batches live there), and
+    512 MB for everything else (in-memory datasets and checkpoints do not pass through it)."""
+    env = os.environ.get("RAYDIST_OBJECT_STORE_MB")
+    if env is not None:
+        try:
+            mb = int(env)
+        except ValueError:
+            raise C.ConfigError(f"RAYDIST_OBJECT_STORE_MB={env!r}: give a whole number of MB") from None
+        if mb < 0:
+            raise C.ConfigError(f"RAYDIST_OBJECT_STORE_MB={env!r}: give a whole number of MB")
+        return mb * 1024 * 1024 or None
+    if cfg is not None and cfg.get("data", {}).get("stream"):
+        return None
+    return SMALL_OBJECT_STORE_MB * 1024 * 1024
 
 
 def _free_port() -> int:
@@ -179,7 +200,8 @@ def check_shared_storage(cfg: dict[str, Any]) -> None:
 
 def streamed_datasets(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """With data.stream: lazy Ray Datasets of the parquet copy's train / val / test splits (decoded and augmented
-    by Ray Data tasks, re-run every epoch); Ray Train hands each worker an equal, disjoint share of each."""
+    by Ray Data tasks, re-run every epoch); Ray Train hands each worker a disjoint share of each, equal for train
+    (streaming.data_config), covering every row for val and test."""
     data = cfg["data"]
     if not data["stream"]:
         return None
@@ -252,9 +274,16 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
         resources["GPU"] = sc["gpus_per_worker"]
     run_dir = run_dir_of(cfg)
     storage_path, name = storage.ray_storage(cfg, run_dir)
+    datasets = streamed_datasets(cfg)
+    extra = {}
+    if datasets is not None:  # train split equally, val / test unequally: evaluation reads every image once
+        from raydist.data.streaming import data_config
+
+        extra["dataset_config"] = data_config()
     return TorchTrainer(
         train_loop_per_worker,
-        datasets=streamed_datasets(cfg),
+        datasets=datasets,
+        **extra,
         train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
         scaling_config=ScalingConfig(**scaling_kwargs(sc), use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),

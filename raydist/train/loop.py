@@ -211,8 +211,8 @@ def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int, session) 
         kw = {"device": common["device"], "channels_last": common["channels_last"]}
 
         def stream(split: str, batch: int, rows: int, **extra: Any) -> StreamingLoader:
-            return StreamingLoader(session.shard(split), batch_size=batch,
-                                   num_rows=shard_rows(rows, world), **kw, **extra)
+            return StreamingLoader(session.shard(split), batch_size=batch,  # eval splits: unequal, nothing dropped
+                                   num_rows=shard_rows(rows, world, equal=split == "train"), **kw, **extra)
 
         return {
             "num_classes": len(info.classes), "input_size": (3, data["image_size"], data["image_size"]),
