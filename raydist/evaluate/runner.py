@@ -96,6 +96,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     import ray
     from tqdm import tqdm
 
+    from raydist.atomic import write_atomic
     from raydist.data import load_dataset
     from raydist.evaluate.actors import EvalWorker
     from raydist.train.driver import ensure_ray
@@ -164,9 +165,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
             c, a, e, s0, _ = task
             table = pa.table({"checkpoint": [c] * len(result["index"]), "attack": [a] * len(result["index"]),
                               "eps": [e] * len(result["index"]), **result})
-            tmp = parts / (_part_name(task) + ".tmp")
-            pq.write_table(table, tmp)
-            tmp.rename(parts / _part_name(task))
+            write_atomic(parts / _part_name(task), lambda f, t=table: pq.write_table(t, f))
             idle.append(actor)
             by_attack[label[task]][0] += 1
             bar.set_postfix_str(" ".join(f"{k} {d}/{t}" for k, (d, t) in by_attack.items() if 0 < d < t)

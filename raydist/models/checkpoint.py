@@ -72,18 +72,9 @@ def save_checkpoint(
         raise ValueError(f"checkpoint fields may not be named {sorted(reserved)}")
     state = {_clean_key(k): v.detach().cpu() for k, v in inner.state_dict().items()}
     payload = {"format": FORMAT, "model": dict(spec), "state_dict": state, **fields}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from raydist.atomic import write_atomic
+
+    return write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def _unsafe_global(err: BaseException) -> str | None:
