@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raydist import config as C
 from raydist.cluster.storage import is_uri
 
 PROJECT = Path(__file__).resolve().parents[2]
 # .gitignore-style patterns, anchored at the project root where a bare name would also hit raydist/data
 EXCLUDES = ["/.git", "/.venv", "/.gpu", "/runs", "/data", "/bench/results", "*.pt", "*.parquet", "__pycache__",
-            ".pytest_cache", ".ruff_cache", "*.egg-info"]
+            ".pytest_cache", ".ruff_cache", ".hypothesis", "*.egg-info"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120
 
@@ -64,8 +62,8 @@ def client(address: str | None):
 def kind_of(path: Path) -> str:
     """train, tune or compare, from the file's top-level keys."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        raw = C.read_yaml(path)
+    except C.ConfigError:  # the command's own check names the mistake
         raw = None
     if isinstance(raw, dict) and "methods" in raw:
         return "compare"
