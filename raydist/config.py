@@ -509,8 +509,12 @@ def _check_model(cfg: dict[str, Any]) -> None:
                               "ResNets and ResNeXts have)")
     if model["pretrained_path"] is not None and _CHECK_FILES:
         path = Path(os.path.expanduser(model["pretrained_path"]))
-        if not path.is_file():
-            raise ConfigError(f"model.pretrained_path: file not found: {path}")
+        from raydist.models.pretrained import check_pretrained
+
+        try:  # readable, safe weights of this model, before Ray starts
+            check_pretrained(path, model["name"], model["activation"], **model_params(cfg))
+        except ValueError as err:
+            raise ConfigError(f"model.pretrained_path: {err}") from None
         model["pretrained_path"] = str(path)
 
 

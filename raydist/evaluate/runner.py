@@ -39,7 +39,7 @@ def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, r
                  overwrite: bool) -> dict[str, Any]:
     """Everything a user typed, checked before Ray starts; returns the data section the actors load."""
     from raydist.attacks import get_attack
-    from raydist.models.checkpoint import CheckpointError, read_checkpoint
+    from raydist.models.checkpoint import CheckpointError, check_fits, read_checkpoint
 
     if not checkpoints:
         raise C.ConfigError("give at least one checkpoint")
@@ -53,6 +53,7 @@ def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, r
         p = Path(path)
         try:
             ckpt = read_checkpoint(p)
+            check_fits(ckpt, p)  # weights of its own model: a damaged file fails here, not in an actor
         except CheckpointError as err:
             raise C.ConfigError(str(err)) from None
         this = ckpt.get("data") or {"dataset": ckpt.get("dataset", "digits")}
