@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
 
