@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -508,13 +509,29 @@ def _check_model(cfg: dict[str, Any]) -> None:
                               "ResNets and ResNeXts have)")
     if model["pretrained_path"] is not None and _CHECK_FILES:
         path = Path(os.path.expanduser(model["pretrained_path"]))
-        from raydist.models.pretrained import check_pretrained
-
-        try:  # readable, safe weights of this model, before Ray starts
-            check_pretrained(path, model["name"], model["activation"], **model_params(cfg))
-        except ValueError as err:
-            raise ConfigError(f"model.pretrained_path: {err}") from None
+        try:
+            stat = path.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError):
+            version = None
+        problem = _pretrained_problem(str(path), version, model["name"], model["activation"],
+                                      tuple(sorted(model_params(cfg).items())))
+        if problem:
+            raise ConfigError(f"model.pretrained_path: {problem}")
         model["pretrained_path"] = str(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _pretrained_problem(path: str, version: tuple | None, name: str, activation: str, kwargs: tuple) -> str | None:
+    """Why the weights at ``path`` cannot start this model (readable, safe, of its architecture), or None; kept per
+    file version, since a sweep or a comparison validates one job many times."""
+    from raydist.models.pretrained import check_pretrained
+
+    try:
+        check_pretrained(path, name, activation, **dict(kwargs))
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> None:
