@@ -650,7 +650,7 @@ def show(value: Any) -> str:
     import reprlib
 
     r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 80, 80, 8, 8, 3
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 200, 200, 8, 8, 3
     return r.repr(value)
 
 
