@@ -294,10 +294,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                "check": _cmd_check, "models": _cmd_models, "data": _cmd_data, "submit": _cmd_submit,
                "jobs": _cmd_jobs}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
     except ConfigError as err:
         print(f"raydist: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (`raydist models | head -1`): end quietly, as a command killed by SIGPIPE
+    does (exit 141), with stdout pointed at /dev/null so the interpreter's last flush finds nothing to write."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured): nothing left to flush into it
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -19,9 +20,15 @@ from typing import Any
 
 import yaml
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
 
 class ConfigError(ValueError):
-    """A mistake in a job file or an override; the message is one line naming the key."""
+    """A mistake in a job file or an override; the message is one line naming the key. Control characters a file
+    put in a key or value (a newline in a key name) are shown escaped, so the message stays one line."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).translate(_CONTROL))
 
 
 _REQUIRED = object()
@@ -252,7 +259,7 @@ METHOD_COMMON = ("name", "epsilon", "label_smoothing")
 def parse_fraction(value: Any, key: str) -> float:
     """Accept 0.03, 8/255, "8/255" or "0.03"; anything else is a ConfigError naming the key."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+        raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {show(value)}")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -267,7 +274,7 @@ def parse_fraction(value: Any, key: str) -> float:
             return float(text)
         except (ValueError, ZeroDivisionError):
             pass
-    raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+    raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {show(value)}")
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:
@@ -288,31 +295,31 @@ def _coerce(field: Field, value: Any, key: str) -> Any:
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+                raise ConfigError(f"{key}: expected an integer, got {show(value)}")
         out = value
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {show(value)}")
         out = float(value)
     elif kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {show(value)}")
         out = value
     elif kind == "str":
         if isinstance(value, bool) and field.choices == ("auto", "true", "false"):
             value = str(value).lower()
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {show(value)}")
         out = value
     elif kind in ("int_list", "str_list"):
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {show(value)}")
         want = int if kind == "int_list" else str
         for item in value:
             if isinstance(item, bool) or not isinstance(item, want):
-                raise ConfigError(f"{key}: expected a list of {want.__name__}s, got item {item!r}")
+                raise ConfigError(f"{key}: expected a list of {want.__name__}s, got item {show(item)}")
         out = list(value)
     else:  # pragma: no cover - schema bug
         raise AssertionError(kind)
@@ -322,18 +329,18 @@ def _coerce(field: Field, value: Any, key: str) -> Any:
         for item in out if isinstance(out, list) else [out]:
             if item not in choices and not (field.accept is not None and field.accept(item)):
                 raise ConfigError(
-                    f"{key}: unknown value {item!r}{_did_you_mean(str(item), choices)}; "
+                    f"{key}: unknown value {show(item)}{_did_you_mean(str(item), choices)}; "
                     f"choose from {', '.join(choices)}"
                 )
     for item in out if isinstance(out, list) else [out]:
         if isinstance(item, (int, float)):
             if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{key}: must be finite, got {item!r}")
+                raise ConfigError(f"{key}: must be finite, got {show(item)}")
             if field.min is not None and (item < field.min or (field.min_exclusive and item == field.min)):
                 op = ">" if field.min_exclusive else ">="
-                raise ConfigError(f"{key}: must be {op} {field.min:g}, got {item!r}")
+                raise ConfigError(f"{key}: must be {op} {field.min:g}, got {show(item)}")
             if field.max is not None and item > field.max:
-                raise ConfigError(f"{key}: must be <= {field.max:g}, got {item!r}")
+                raise ConfigError(f"{key}: must be <= {field.max:g}, got {show(item)}")
     return out
 
 
@@ -356,15 +363,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. method.k=10")
+            raise ConfigError(f"--set {show(item)}: expected SECTION.KEY=VALUE, e.g. method.k=10")
         path, text = item.split("=", 1)
         parts = path.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. method.k=10")
+            raise ConfigError(f"--set {show(item)}: expected SECTION.KEY=VALUE, e.g. method.k=10")
         section, key = parts
         _check_key(section, key)
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text, f"--set {show(item)}") if text.strip() else None
         except yaml.YAMLError:
             value = text
         sec = out.setdefault(section, {})
@@ -386,7 +393,7 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"section '{section}' must be a mapping, got {values!r}")
+            raise ConfigError(f"section '{section}' must be a mapping, got {show(values)}")
         for key, value in values.items():
             _check_key(section, str(key))
             cfg[section][key] = _coerce(SCHEMA[section][key], value, f"{section}.{key}")
@@ -455,7 +462,7 @@ def is_uri(path: str) -> bool:
 def check_output_dir(value: str) -> str:
     """run.output_dir is a directory on disk; object storage belongs in run.storage_path."""
     if is_uri(value):
-        raise ConfigError(f"run.output_dir: {value!r} is a URI, but the run directory is a directory on disk (a "
+        raise ConfigError(f"run.output_dir: {show(value)} is a URI, but the run directory is a directory on disk (a "
                           "shared filesystem on a multi-node cluster); put Ray Train's checkpoints in object "
                           f"storage with run.storage_path: {value}")
     return value
@@ -470,7 +477,7 @@ def check_storage_path(value: str | None) -> str | None:
     if is_uri(value):
         scheme = value.split("://", 1)[0].lower()
         if scheme not in URI_SCHEMES:
-            raise ConfigError(f"run.storage_path: unknown URI scheme '{scheme}://' in {value!r}; use a path or one "
+            raise ConfigError(f"run.storage_path: unknown URI scheme '{scheme}://' in {show(value)}; use a path or one "
                               f"of {', '.join(s + '://' for s in URI_SCHEMES)}")
         return value.rstrip("/")
     return str(Path(os.path.expanduser(value)).resolve())
@@ -502,9 +509,29 @@ def _check_model(cfg: dict[str, Any]) -> None:
                               "ResNets and ResNeXts have)")
     if model["pretrained_path"] is not None and _CHECK_FILES:
         path = Path(os.path.expanduser(model["pretrained_path"]))
-        if not path.is_file():
-            raise ConfigError(f"model.pretrained_path: file not found: {path}")
+        try:
+            stat = path.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        except (OSError, ValueError):
+            version = None
+        problem = _pretrained_problem(str(path), version, model["name"], model["activation"],
+                                      tuple(sorted(model_params(cfg).items())))
+        if problem:
+            raise ConfigError(f"model.pretrained_path: {problem}")
         model["pretrained_path"] = str(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _pretrained_problem(path: str, version: tuple | None, name: str, activation: str, kwargs: tuple) -> str | None:
+    """Why the weights at ``path`` cannot start this model (readable, safe, of its architecture), or None; kept per
+    file version, since a sweep or a comparison validates one job many times."""
+    from raydist.models.pretrained import check_pretrained
+
+    try:
+        check_pretrained(path, name, activation, **dict(kwargs))
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _check_method_keys(raw_method: dict[str, Any], method: dict[str, Any]) -> None:
@@ -590,14 +617,89 @@ def method_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in METHOD_PARAMS[m["name"]] if k in m}
 
 
-def read_yaml(path: Path, what: str = "") -> Any:
-    """The YAML content of ``path``; a syntax error is one ConfigError line naming the file and the line."""
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only), except that a key given twice in one mapping is an error: the safe
+    loader silently keeps the last one, so a forgotten duplicate would quietly change a run. Keys a merge
+    (``<<: *anchor``) brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first
+                except TypeError:  # an unhashable key: the safe loader's own error names it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {show(key)} (first given on line {first[key] + 1}; "
+                                    "give each key once)", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_DEPTH = 16  # a raydist file nests 5 levels at most (compare: methods, entry, set, key, list)
+MAX_VALUES = 100_000  # after anchors and aliases are expanded
+
+
+def show(value: Any) -> str:
+    """A value for an error message: its repr, shortened (a file may hold a long list or a long string)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 200, 200, 8, 8, 3
+    return r.repr(value)
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Refuse structures no raydist file needs: deeper than MAX_DEPTH (an alias that contains itself is
+    infinitely deep) or, aliases expanded, more than MAX_VALUES values (a "billion laughs" file)."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: too large (over {MAX_VALUES} values once its aliases are expanded)")
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep (or an alias contains "
+                                  "itself); a raydist file needs a few")
+            items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+
+
+def parse_yaml(text: str, where: str = "YAML") -> Any:
+    """Plain data from YAML text with :class:`StrictLoader`; raises yaml.YAMLError or ConfigError (size)."""
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep; a raydist file needs a few") from None
+    _check_size(data, where)
+    return data
+
+
+def read_yaml(path: Path, what: str = "") -> Any:
+    """The YAML content of ``path``; any mistake (not text, bad syntax, a duplicate key, absurd nesting) is one
+    ConfigError line naming the file and, where there is one, the line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what}{path}: cannot read: {err.strerror or type(err).__name__}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what}{path}: not a text file (byte {err.start} is not UTF-8); a raydist file is "
+                          "YAML text") from None
+    try:
+        return parse_yaml(text, f"{what}{path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{what}{path}:{where}: {getattr(err, 'problem', None) or 'invalid YAML'}") from None
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or ["invalid YAML"])[0]
+        raise ConfigError(f"{what}{path}:{where}: {problem}") from None
 
 
 def mapping(value: Any, key: str) -> dict[str, Any]:
@@ -605,7 +707,7 @@ def mapping(value: Any, key: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        raise ConfigError(f"{key}: must be a mapping, got {show(value)}")
     return value
 
 

@@ -156,3 +156,70 @@ def test_submit_refuses_a_cluster_with_another_ray_version(tmp_path, ray_head, c
     err = capsys.readouterr().err
     real = cluster_ray_version(ray_head)
     assert err.count("\n") == 1 and f"the cluster runs Ray {real}, this machine Ray 2.52.0" in err, err
+
+
+class _TokenDashboard:
+    """A stand-in for a token-authenticated dashboard: /api/version answers only with the right bearer token,
+    and every request's Authorization header is kept for the test to look at."""
+
+    def __init__(self, token: str) -> None:
+        import http.server
+        import threading
+
+        seen: list[str | None] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                seen.append(self.headers.get("Authorization"))
+                ok = self.headers.get("Authorization") == f"Bearer {token}"
+                body = json.dumps({"ray_version": "2.60.0", "version": "4"} if ok else {"error": "unauthorized"})
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.seen = seen
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_the_token_travels_in_the_authorization_header(tmp_path, monkeypatch):
+    """The token reaches the cluster through the Jobs client's public ``headers`` argument (as Ray documents for
+    HTTP clients), read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token in that order; nothing in
+    Ray's private modules is called and the process's RAY_AUTH_MODE is left as the user set it."""
+    import raydist.cluster.submit as S
+
+    assert "ray._private" not in Path(S.__file__).read_text()
+    dash = _TokenDashboard("sekret")
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        with pytest.raises(S.C.ConfigError, match="cannot reach the Ray Jobs API"):
+            S.client(dash.url)  # no token anywhere: refused by the cluster, one line
+        assert dash.seen[-1] is None
+        (home / ".ray" / "auth_token").write_text("sekret\n")
+        S.client(dash.url)  # ~/.ray/auth_token
+        assert dash.seen[-1] == "Bearer sekret" and "RAY_AUTH_MODE" not in os.environ
+        named = tmp_path / "tok"
+        named.write_text("other")
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(named))  # before the default file
+        with pytest.raises(S.C.ConfigError):
+            S.client(dash.url)
+        assert dash.seen[-1] == "Bearer other"
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "sekret")  # before both files
+        S.client(dash.url)
+        assert dash.seen[-1] == "Bearer sekret"
+        assert S.cluster_ray_version(dash.url) == "2.60.0"
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        named.write_text("")
+        with pytest.raises(S.C.ConfigError, match="RAY_AUTH_TOKEN_PATH: .* is empty"):
+            S.client(dash.url)
+    finally:
+        dash.server.shutdown()

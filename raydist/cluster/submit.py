@@ -9,7 +9,6 @@ locally first: a mistake is one line and exit code 2 before anything is uploaded
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shlex
 import sys
@@ -17,15 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raydist import config as C
 from raydist.cluster.storage import is_uri
 
 PROJECT = Path(__file__).resolve().parents[2]
 # .gitignore-style patterns, anchored at the project root where a bare name would also hit raydist/data
 EXCLUDES = ["/.git", "/.venv", "/.gpu", "/runs", "/data", "/bench/results", "*.pt", "*.parquet", "__pycache__",
-            ".pytest_cache", ".ruff_cache", "*.egg-info"]
+            ".pytest_cache", ".ruff_cache", ".hypothesis", "*.egg-info"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120
 
@@ -42,13 +39,17 @@ def _address(address: str | None) -> str:
 
 
 def client(address: str | None):
-    """A JobSubmissionClient for ``address`` (or RAY_ADDRESS); an unreachable cluster is a one-line error."""
+    """A JobSubmissionClient for ``address`` (or RAY_ADDRESS); an unreachable cluster is a one-line error.
+
+    A cluster with token authentication (Ray's ``RAY_AUTH_MODE=token``; Ray >= 2.59 starts local clusters so)
+    gets the token the way Ray documents for HTTP clients: ``Authorization: Bearer TOKEN``, passed through the
+    client's public ``headers`` argument, read from where Ray's own tools keep it (see :func:`_token`)."""
     from ray.job_submission import JobSubmissionClient
 
     url = _address(address)
-    _use_token_if_present()
+    token = _token()
     try:
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"} if token else None)
     except Exception as err:  # noqa: BLE001 - connection refused, wrong port, not a Ray dashboard ...
         hint = ""
         if "authentication" in str(err).lower() or "unauthorized" in str(err).lower():
@@ -58,32 +59,11 @@ def client(address: str | None):
                             f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from None
 
 
-def _use_token_if_present() -> None:
-    """Ray >= 2.59 starts local clusters with token authentication; the Jobs client sends the token only when
-    RAY_AUTH_MODE=token is set in its own process. Send it whenever one is configured (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the user has not chosen a mode."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
-        return
-    log = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = log.level
-    log.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is not news to a submitter
-    try:
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        log.setLevel(level)
-
-
 def kind_of(path: Path) -> str:
     """train, tune or compare, from the file's top-level keys."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
+        raw = C.read_yaml(path)
+    except C.ConfigError:  # the command's own check names the mistake
         raw = None
     if isinstance(raw, dict) and "methods" in raw:
         return "compare"
@@ -146,14 +126,24 @@ def build_submission(path: str, overrides: list[str], flags: tuple[str, ...] = (
 
 
 def _token() -> str | None:
-    """The cluster token from where Ray's own clients read it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token), if any."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
+    """The cluster token from where Ray's documentation says its clients read it, in its order: RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names (unreadable or empty: an error, as in Ray), ~/.ray/auth_token; else None."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
-        if path and Path(path).is_file():
-            return Path(path).read_text().strip() or None
-    return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        try:
+            token = Path(os.path.expanduser(named)).read_text().strip()
+        except OSError as err:
+            raise C.ConfigError(f"RAY_AUTH_TOKEN_PATH: cannot read {named}: {err.strerror or err}") from None
+        if not token:
+            raise C.ConfigError(f"RAY_AUTH_TOKEN_PATH: {named} is empty")
+        return token
+    default = Path(os.path.expanduser("~/.ray/auth_token"))
+    try:
+        return default.read_text().strip() or None
+    except OSError:  # no token file: a cluster without token authentication
+        return None
 
 
 def cluster_ray_version(address: str | None) -> str:

@@ -64,14 +64,14 @@ def _int(value: Any, key: str, minimum: int, nullable: bool = False) -> int | No
     if value is None and nullable:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise C.ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        raise C.ConfigError(f"{key}: expected an integer >= {minimum}, got {C.show(value)}")
     return value
 
 
 def _number(value: Any, key: str, minimum: float, exclusive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (
             exclusive and value == minimum):
-        raise C.ConfigError(f"{key}: expected a number {'>' if exclusive else '>='} {minimum:g}, got {value!r}")
+        raise C.ConfigError(f"{key}: expected a number {'>' if exclusive else '>='} {minimum:g}, got {C.show(value)}")
     return float(value)
 
 
@@ -130,7 +130,7 @@ def _entry(item: Any, i: int) -> dict[str, Any]:
     if isinstance(item, str):
         item = {"name": item}
     if not isinstance(item, dict):
-        raise C.ConfigError(f"{where}: expected a method name or a mapping with 'name', got {item!r}")
+        raise C.ConfigError(f"{where}: expected a method name or a mapping with 'name', got {C.show(item)}")
     if "name" not in item:
         raise C.ConfigError(f"{where}: 'name' is required (one of {', '.join(C._methods())})")
     name = item["name"]
@@ -152,7 +152,7 @@ def _entry(item: Any, i: int) -> dict[str, Any]:
         keys[key] = value
     label = item.get("label", LABELS.get(name, name))
     if not isinstance(label, str) or not slug(label):
-        raise C.ConfigError(f"{where}.label: expected a name with letters or digits, got {label!r}")
+        raise C.ConfigError(f"{where}.label: expected a name with letters or digits, got {C.show(label)}")
     return {"name": name, "label": label, "keys": keys, "set": _job_changes(item.get("set"), f"{where}.set")}
 
 
@@ -191,13 +191,13 @@ def _check_budgets(budgets: Any, attacks: list[str]) -> dict[str, dict[str, Any]
                 value = C.parse_fraction(value, f"{where}.alpha")
             elif isinstance(default, bool):
                 if not isinstance(value, bool):
-                    raise C.ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+                    raise C.ConfigError(f"{where}.{key}: expected true or false, got {C.show(value)}")
             elif isinstance(default, int):
                 _int(value, f"{where}.{key}", 1)
             elif isinstance(default, float):
                 value = _number(value, f"{where}.{key}", 0.0)
             elif isinstance(default, str) and not isinstance(value, str):
-                raise C.ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+                raise C.ConfigError(f"{where}.{key}: expected a string, got {C.show(value)}")
             out[attack][key] = value
         if not out[attack]:
             del out[attack]
@@ -275,7 +275,7 @@ def load_compare(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     items = raw.get("methods")
     if not isinstance(items, list) or not items:
         raise C.ConfigError(f"methods: expected a non-empty list of methods ({', '.join(C._methods())}), "
-                            f"got {items!r}")
+                            f"got {C.show(items)}")
     entries = [_entry(item, i) for i, item in enumerate(items)]
     seen: dict[str, int] = {}
     for i, e in enumerate(entries):

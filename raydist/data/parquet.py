@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from raydist.atomic import write_atomic
 from raydist.data.common import DataError, mix_seed
 from raydist.data.folders import SPLITS, Sample, split_image_folder
 from raydist.data.transforms import (
@@ -112,9 +113,8 @@ def _write_shard(
         [pa.array(images, pa.binary()), pa.array([y for _, y in rows], pa.int64()), pa.array(paths, pa.string())],
         schema=SCHEMA.with_metadata(metadata),
     )
-    tmp = target.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp, compression="none")  # encoded images do not compress further
-    os.replace(tmp, target)  # a shard exists complete or not at all
+    # a shard exists complete or not at all; encoded images do not compress further
+    write_atomic(target, lambda f: pq.write_table(table, f, compression="none"))
     return len(rows)
 
 

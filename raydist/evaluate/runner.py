@@ -40,7 +40,7 @@ def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, r
                  overwrite: bool) -> dict[str, Any]:
     """Everything a user typed, checked before Ray starts; returns the data section the actors load."""
     from raydist.attacks import get_attack
-    from raydist.models.checkpoint import CheckpointError, read_checkpoint
+    from raydist.models.checkpoint import CheckpointError, check_fits, read_checkpoint
 
     if not checkpoints:
         raise C.ConfigError("give at least one checkpoint")
@@ -54,6 +54,7 @@ def check_inputs(checkpoints: list[str], attacks: list[str], out_dir: Path, *, r
         p = Path(path)
         try:
             ckpt = read_checkpoint(p)
+            check_fits(ckpt, p)  # weights of its own model: a damaged file fails here, not in an actor
         except CheckpointError as err:
             raise C.ConfigError(str(err)) from None
         this = ckpt.get("data") or {"dataset": ckpt.get("dataset", "digits")}
@@ -97,6 +98,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     import ray
     from tqdm import tqdm
 
+    from raydist.atomic import write_atomic
     from raydist.data import load_dataset
     from raydist.evaluate.actors import EvalWorker
     from raydist.train.driver import ensure_ray
@@ -186,9 +188,7 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
             c, a, e, s0, _ = task
             table = pa.table({"checkpoint": [c] * len(result["index"]), "attack": [a] * len(result["index"]),
                               "eps": [e] * len(result["index"]), **result})
-            tmp = parts / (_part_name(task) + ".tmp")
-            pq.write_table(table, tmp)
-            tmp.rename(parts / _part_name(task))
+            write_atomic(parts / _part_name(task), lambda f, t=table: pq.write_table(t, f))
             idle.append(actor)
             by_attack[label[task]][0] += 1
             bar.set_postfix_str(" ".join(f"{k} {d}/{t}" for k, (d, t) in by_attack.items() if 0 < d < t)

@@ -22,8 +22,8 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "model_spec_for", "read_checkpoint", "save_checkpoint",
-           "unwrap_model"]
+__all__ = ["FORMAT", "CheckpointError", "check_fits", "fit_problems", "load_checkpoint", "load_weights_only",
+           "model_spec_for", "read_checkpoint", "save_checkpoint", "unwrap_model"]
 
 
 class CheckpointError(ValueError):
@@ -73,18 +73,9 @@ def save_checkpoint(
         raise ValueError(f"checkpoint fields may not be named {sorted(reserved)}")
     state = {_clean_key(k): v.detach().cpu() for k, v in inner.state_dict().items()}
     payload = {"format": FORMAT, "model": dict(spec), "state_dict": state, **fields}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from raydist.atomic import write_atomic
+
+    return write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def _unsafe_global(err: BaseException) -> str | None:
@@ -93,6 +84,33 @@ def _unsafe_global(err: BaseException) -> str | None:
 
     found = re.search(r"unsupported (?:global:\s*)?GLOBAL ([\w.]+)", str(err), re.IGNORECASE)
     return found.group(1) if found else None
+
+
+def load_weights_only(path: Path, *, noun: str = "checkpoint", map_location: str | torch.device = "cpu",
+                      data: bytes | None = None) -> object:
+    """``torch.load(path, weights_only=True)``, every way the file can be unusable (a directory, missing, empty,
+    truncated, not a PyTorch file, or asking the unpickler for code) one :class:`CheckpointError` line naming it
+    (``noun``: what the file is to the user, e.g. "pretrained weights"). ``data``: the file's bytes, read
+    elsewhere; ``path`` then only names it."""
+    if data is None:
+        if path.is_dir():
+            raise CheckpointError(f"{noun} {path} is a directory, not a file")
+        if not path.is_file():
+            raise CheckpointError(f"{noun} not found: {path}")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
+        raise CheckpointError(f"{noun} {path} is empty (0 bytes)")
+    try:
+        return torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        bad = _unsafe_global(err)
+        if bad:
+            raise CheckpointError(f"refused to load {path}: reading it would import {bad}, and a raydist {noun} "
+                                  "holds only tensors and plain data (loading it could run code)") from None
+        raise CheckpointError(f"cannot read {noun} {path}: not a PyTorch file, or corrupted") from None
+    except Exception as err:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file; all are this
+        what = ("truncated or corrupted" if isinstance(err, (RuntimeError, EOFError))
+                else "not a PyTorch file, or corrupted")
+        raise CheckpointError(f"cannot read {noun} {path}: {what} ({type(err).__name__})") from None
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu",
@@ -108,25 +126,7 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     names it in messages.
     """
     path = Path(path)
-    if data is None:
-        if path.is_dir():
-            raise CheckpointError(f"checkpoint {path} is a directory, not a file")
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-    if (len(data) if data is not None else path.stat().st_size) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        ckpt = torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        bad = _unsafe_global(err)
-        if bad:
-            raise CheckpointError(f"refused to load {path}: reading it would import {bad}, and a raydist checkpoint "
-                                  "holds only tensors and plain data (loading it could run code)") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file, or corrupted") from None
-    except Exception as err:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file; all are this
-        what = ("truncated or corrupted" if isinstance(err, (RuntimeError, EOFError))
-                else "not a PyTorch file, or corrupted")
-        raise CheckpointError(f"cannot read checkpoint {path}: {what} ({type(err).__name__})") from None
+    ckpt = load_weights_only(path, map_location=map_location, data=data)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a raydist checkpoint (expected format {FORMAT!r}, found {found!r})")
@@ -162,3 +162,49 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not match its model spec: {first}") from e
     return model.to(device).eval(), ckpt
+
+
+def _meta_model(spec: dict, **change: object) -> nn.Module:
+    """The model a spec describes, built on the meta device (shapes only: no memory, no initialisation)."""
+    spec = {**spec, **change}
+    with torch.device("meta"):
+        return create_model(spec["name"], num_classes=spec["num_classes"], activation=spec["activation"],
+                            in_channels=spec["in_channels"], mean=spec["mean"], std=spec["std"], **spec["kwargs"])
+
+
+def fit_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], optional: set[str] = frozenset(),
+                 skip_shapes: set[str] = frozenset()) -> str | None:
+    """How ``state`` fails to fit a model whose state dict is ``own`` (keys missing, unexpected, of another
+    shape), in a few words; None when it fits. ``optional`` keys may be missing; ``skip_shapes`` keys may differ."""
+    def short(keys: list[str], limit: int = 4) -> str:
+        return ", ".join(keys[:limit]) + (f", ... ({len(keys)})" if len(keys) > limit else "")
+
+    missing = [k for k in own if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and k not in skip_shapes and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{what} [{short(keys)}]" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                          ("shape (file vs model)", mismatched)) if keys]
+    return "; ".join(parts) or None
+
+
+def check_fits(ckpt: dict, path: str | os.PathLike) -> None:
+    """Refuse (CheckpointError, one line) a checkpoint whose weights do not fit the model its own spec describes:
+    damaged, or a spec and weights from different models. Checked on the meta device, before any real work."""
+    spec = ckpt.get("model")
+    missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+    state = ckpt.get("state_dict")
+    if missing or not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = f"model spec lacks {missing}" if missing else "no state_dict of tensors"
+        raise CheckpointError(f"checkpoint {path} is incomplete: {what}")
+    try:
+        own = _meta_model(spec).state_dict()
+    except Exception as err:  # noqa: BLE001 - an unknown model name, bad kwargs: the spec cannot be built
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path}: its model spec ({spec.get('name')!r}) cannot be built: "
+                              f"{first}") from None
+    problem = fit_problems(own, {_clean_key(k): v for k, v in state.items()})
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model ({spec['name']}, "
+                              f"{spec['activation']}): {problem}")
+

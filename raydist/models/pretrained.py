@@ -24,7 +24,7 @@ from torch import nn
 
 from raydist.models.swap import is_activation
 
-__all__ = ["load_pretrained"]
+__all__ = ["check_pretrained", "load_pretrained", "read_pretrained"]
 
 
 def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -52,22 +52,52 @@ def _activation_state_keys(module: nn.Module) -> set[str]:
     return keys
 
 
+def read_pretrained(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a weights file, read with ``weights_only=True`` (a file that would run code is refused);
+    a broken file is a one-line ValueError (CheckpointError) naming it."""
+    from raydist.models.checkpoint import _clean_key, load_weights_only
+
+    obj = load_weights_only(path, noun="pretrained weights")
+    return {_clean_key(k): v for k, v in _extract_state_dict(obj, path).items()}
+
+
+def check_pretrained(path: str | os.PathLike, name: str, activation: str, **kwargs: object) -> None:
+    """Before anything runs (``raydist train``'s check of model.pretrained_path): the file is readable weights
+    that fit model ``name``. The model is built on the meta device twice, with different classes and input
+    channels, since those come from the dataset: tensors whose shape depends on them (the stem, the classifier)
+    are checked by name only, the rest by name and shape. ValueError, one line, if not."""
+    from raydist.models.checkpoint import CheckpointError, fit_problems
+    from raydist.models.registry import create_model
+
+    path = Path(path)
+    state = read_pretrained(path)
+    whole = any(k.startswith(("net.", "normalize.")) for k in state)
+    built = []
+    for classes, channels in ((10, 3), (11, 4)):
+        try:
+            with torch.device("meta"):
+                model = create_model(name, num_classes=classes, activation=activation, in_channels=channels,
+                                     **kwargs)
+        except Exception:  # noqa: BLE001 - a builder that cannot run on the meta device: the loader checks the fit
+            return
+        built.append(model if whole or not hasattr(model, "net") else model.net)
+    own, other = (m.state_dict() for m in built)
+    data_dependent = {k for k in own if k in other and tuple(own[k].shape) != tuple(other[k].shape)}
+    problem = fit_problems(own, state, _activation_state_keys(built[0]), data_dependent)
+    if problem:
+        raise CheckpointError(f"pretrained weights {path} do not fit model {name!r}: {problem}")
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the weights in ``path`` into ``model`` (an ``ImageClassifier`` from ``create_model``).
 
     ``FileNotFoundError`` naming the path if it is missing; ``ValueError`` naming it if the file
     is unreadable or its weights do not fit the model.
     """
-    from raydist.models.checkpoint import _clean_key
-
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not readable weights"
-        raise ValueError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from e
-    state = {_clean_key(k): v for k, v in _extract_state_dict(obj, path).items()}
+    state = read_pretrained(path)
     whole = any(k.startswith(("net.", "normalize.")) for k in state)
     target = model if whole or not hasattr(model, "net") else model.net
     own = target.state_dict()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from raydist.atomic import append_line, read_lines, write_atomic
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -17,31 +18,30 @@ _COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-2
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; a row torn by a crash mid-append (no newline yet) is not one of them."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(read_lines(path), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} line {i}: not a JSON row (a damaged file; --overwrite starts the run "
+                             "again)") from None
+    return rows
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """Keep only epochs <= last_epoch, so a resumed run's history has each epoch exactly once."""
     rows = [r for r in read_metrics(run_dir) if r["epoch"] <= last_epoch]
-    _write_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with open(Path(run_dir) / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_line(Path(run_dir) / METRICS, json.dumps(row))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(Path(path), json.dumps(data, indent=2) + "\n")
 
 
 def plot_curves(run_dir: Path, rows: list[dict[str, Any]], title: str = "") -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 from raydist import config as C
 from raydist.cluster import storage
 from raydist.train import artifacts, ray_checkpoint
-from raydist.train.loop import LAST, train_loop_per_worker
+from raydist.train.loop import BEST, LAST, train_loop_per_worker
 
 
 def run_dir_of(cfg: dict[str, Any]) -> Path:
@@ -30,20 +30,20 @@ def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool 
         raise C.ConfigError("--resume and --overwrite exclude each other")
     if resume:
         last = run_dir / LAST
-        if not last.is_file():
+        if not last.exists():  # a directory in its place is named as one below
             if cfg["run"]["storage_path"] is not None and storage.experiment_exists(*storage.ray_storage(cfg, run_dir)):
                 return None  # the run directory is gone, Ray Train's storage is not: Ray restores from it
             raise C.ConfigError(f"--resume: no checkpoint to resume at {last}")
         saved_path = run_dir / artifacts.CONFIG
         if saved_path.is_file():
-            import yaml
-
-            saved = yaml.safe_load(saved_path.read_text())
+            saved = C.mapping(C.read_yaml(saved_path, "--resume: "), f"--resume: {saved_path}")
             diff = C.differences(saved, cfg, ignore_sections=("run",))
             diff = [d for d in diff if not d.startswith("optim.epochs")]
             if diff:
                 raise C.ConfigError(f"--resume: the job differs from {saved_path} in {', '.join(diff)}")
-        _check_loadable(last)
+        _check_loadable(last, cfg)
+        if (run_dir / BEST).exists():
+            _check_loadable(run_dir / BEST, cfg, require=("state_dict",))
         return str(last)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise C.ConfigError(f"run directory {run_dir} already exists "
@@ -69,13 +69,27 @@ def create_run_dir(cfg: dict[str, Any], *, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def _check_loadable(path: Path) -> None:
-    from raydist.models.checkpoint import CheckpointError, read_checkpoint
+def _check_loadable(path: Path, cfg: dict[str, Any], require: tuple[str, ...] = ("train_state", "state_dict")) -> None:
+    """The checkpoint a resume starts from: readable, safe, whole, and of this job's model, dataset and method
+    (a last.pt copied from another run would otherwise fail inside the workers, or train on from it)."""
+    from raydist.models.checkpoint import CheckpointError, check_fits, read_checkpoint
 
     try:
-        read_checkpoint(path, require=("train_state", "state_dict"))
+        ckpt = read_checkpoint(path, require=require)
+        check_fits(ckpt, path)
     except CheckpointError as err:
         raise C.ConfigError(f"--resume: {err}") from None
+    spec, job = ckpt["model"], cfg["model"]
+    theirs = {"model.name": spec.get("name"), "model.activation": spec.get("activation"),
+              "model builder arguments": spec.get("kwargs"), "data.dataset": ckpt.get("dataset"),
+              "method.name": ckpt.get("method")}
+    ours = {"model.name": job["name"], "model.activation": job["activation"],
+            "model builder arguments": C.model_params(cfg), "data.dataset": cfg["data"]["dataset"],
+            "method.name": cfg["method"]["name"]}
+    differ = [f"{k} {theirs[k]!r}, not {ours[k]!r}" for k in ours if theirs[k] is not None and theirs[k] != ours[k]]
+    if differ:
+        raise C.ConfigError(f"--resume: {path} is from another run ({'; '.join(differ)}); resume it with its own "
+                            "job file, or --overwrite to start this one again")
 
 
 def ensure_ray(cfg: dict[str, Any] | None = None) -> None:

@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raydist.atomic import write_atomic
 from raydist.config import method_params, model_params
 from raydist.data import DeviceLoader, load_dataset
 from raydist.evaluate import accuracy_under_attacks
@@ -322,7 +323,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
             # a run directory lost while Ray's storage kept the checkpoint: rebuild it from the checkpoint
             for name, ckpt in ((LAST, state), (BEST, best_ckpt)):
                 if ckpt is not None and not (run_dir / name).exists():
-                    torch.save(ckpt, run_dir / name)
+                    write_atomic(run_dir / name, lambda f, c=ckpt: torch.save(c, f))
             if not artifacts.read_metrics(run_dir):
                 for row in ts.get("history", []):
                     artifacts.append_metrics(run_dir, row)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raydist.atomic import write_atomic
 from raydist.tune.sweep import job_for
 
 METRIC, TIME = "val_pgd_acc", "elapsed"
@@ -126,15 +128,21 @@ def _table(rows: list[dict[str, Any]], params: list[str]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)])
 
 
+def write_trials_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """trials.csv, replaced whole (a sweep killed while writing it leaves the previous table)."""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
 def write_outputs(sweep: dict[str, Any], d: Path, grid) -> dict[str, Any]:
     rows = _rows(sweep, grid)
     params = list(sweep["space"])
     columns = ["trial", "state", "epochs", *params, "best_val_pgd_acc", "best_epoch", "best_val_clean_acc",
                "last_val_pgd_acc", "train_minutes", "error"]
-    with open(d / "trials.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_trials_csv(d / "trials.csv", rows, columns)
     multi = sweep["objective"] == "multi"
     plot = _plot(sweep, rows, d / ("pareto.png" if multi else "search.png"), multi)
     best = _best(rows)
@@ -146,7 +154,7 @@ def write_outputs(sweep: dict[str, Any], d: Path, grid) -> dict[str, Any]:
         header = (f"# best trial of sweep {sweep['run']['name']} ({best['trial']}): validation PGD accuracy "
                   f"{100 * best['best_val_pgd_acc']:.2f}% at epoch {best['best_epoch']}\n"
                   f"# parameters: {chosen}\n# run it: raydist train {d / 'best.yaml'}\n")
-        (d / "best.yaml").write_text(header + yaml.safe_dump(copy.deepcopy(job), sort_keys=False))
+        write_atomic(d / "best.yaml", header + yaml.safe_dump(copy.deepcopy(job), sort_keys=False))
         out["best_job"] = str(d / "best.yaml")
         print(f"\nbest: {best['trial']} {chosen} -> validation PGD {100 * best['best_val_pgd_acc']:.2f}%")
     if multi:

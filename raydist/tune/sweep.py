@@ -59,7 +59,7 @@ def _section(raw: dict[str, Any], name: str, sweep_key: str) -> dict[str, Any]:
 
 def _check_int(value: Any, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise C.ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+        raise C.ConfigError(f"{key}: expected an integer >= {minimum}, got {C.show(value)}")
     return value
 
 
@@ -72,7 +72,7 @@ def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
     entry = dict(C.mapping(entry, where))
     kind = entry.get("type")
     if kind not in SPACE_TYPES:
-        raise C.ConfigError(f"{where}.type: expected one of {', '.join(SPACE_TYPES)}, got {kind!r}")
+        raise C.ConfigError(f"{where}.type: expected one of {', '.join(SPACE_TYPES)}, got {C.show(kind)}")
     allowed = {"type", "when"} | ({"values"} if kind == "choice" else {"low", "high"})
     for k in entry:
         if k not in allowed:
@@ -81,7 +81,7 @@ def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
     if kind == "choice":
         values = entry.get("values")
         if not isinstance(values, list) or not values:
-            raise C.ConfigError(f"{where}.values: expected a non-empty list, got {values!r}")
+            raise C.ConfigError(f"{where}.values: expected a non-empty list, got {C.show(values)}")
         probes = values
     else:
         for bound in ("low", "high"):
@@ -95,12 +95,12 @@ def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
             lo, hi = entry["low"], entry["high"]
             for name, v in (("low", lo), ("high", hi)):
                 if isinstance(v, bool) or not isinstance(v, int):
-                    raise C.ConfigError(f"{where}.{name}: expected an integer, got {v!r}")
+                    raise C.ConfigError(f"{where}.{name}: expected an integer, got {C.show(v)}")
         else:
             lo = C.parse_fraction(entry["low"], f"{where}.low")
             hi = C.parse_fraction(entry["high"], f"{where}.high")
             if kind == "loguniform" and lo <= 0:
-                raise C.ConfigError(f"{where}.low: must be > 0 for loguniform, got {lo!r}")
+                raise C.ConfigError(f"{where}.low: must be > 0 for loguniform, got {C.show(lo)}")
         if not lo < hi:
             raise C.ConfigError(f"{where}: low must be below high, got low={entry['low']!r} high={entry['high']!r}")
         entry["low"], entry["high"] = lo, hi
@@ -111,7 +111,7 @@ def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
         try:
             C.validate(probe)
         except C.ConfigError as err:
-            raise C.ConfigError(f"{where}: {value!r} does not make a valid job ({err})") from None
+            raise C.ConfigError(f"{where}: {C.show(value)} does not make a valid job ({err})") from None
     when = C.mapping(entry.get("when"), f"{where}.when")
     for cond in when:
         _job_key(cond, f"{where}.when")
@@ -124,11 +124,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     p = Path(path)
     if not p.is_file():
         raise C.ConfigError(f"sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise C.ConfigError(f"{p}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
-    raw = C.mapping(raw, str(p))
+    raw = C.mapping(C.read_yaml(p), str(p))
     for key in raw:
         if key not in SWEEP_KEYS:
             raise C.ConfigError(f"unknown sweep key '{key}'{C._did_you_mean(str(key), SWEEP_KEYS)}; "
@@ -138,10 +134,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base_path = (p.parent / str(raw["base"])).resolve()
     if not base_path.is_file():
         raise C.ConfigError(f"base: job file not found: {base_path}")
-    try:
-        base_raw = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError:
-        raise C.ConfigError(f"base: {base_path} is not valid YAML") from None
+    base_raw = C.mapping(C.read_yaml(base_path, "base: "), f"base: {base_path}")
     fixed = C.mapping(raw.get("set"), "set")
     for key in fixed:
         _job_key(key, "set")
