@@ -148,123 +148,6 @@ def main() -> int:
             rec["summary"] = _train(out, "remove_node", EPOCHS, max_failures=2)
             thread.join(timeout=5)
 
-        if "elastic" in scenarios:
-            rec = results["elastic"] = {}
-
-            def shrink(r: dict) -> None:
-                busy = {w["Address"]["NodeID"] for w in _train_workers()}
-                victim = next(n for n in cluster.worker_nodes if n.node_id in busy)
-                cluster.remove_node(victim, allow_graceful=False)
-                r["removed_node"] = victim.node_id
-
-            thread = _after_first_epoch(out / "runs" / "elastic", out / "runs" / "elastic" / "ray" / "train",
-                                        shrink, rec)
-            rec["summary"] = _train(out, "elastic", 4, scaling={"min_workers": 1, "resize_interval_s": 5},
-                                    max_failures=3)
-            thread.join(timeout=5)
-
-    except Exception:  # noqa: BLE001 - reported to the test through results.json
-            record["fault_error"] = traceback.format_exc()
-
-    thread = threading.Thread(target=wait_then_strike, daemon=True)
-    thread.start()
-    return thread
-
-
-def _train(out: Path, name: str, epochs: int, scaling: dict | None = None, **run) -> dict:
-    from raydist import config as C
-    from raydist.train.driver import run_training
-
-    job = tiny_job(out, run={"name": name, **run}, optim={"epochs": epochs},
-                   scaling={"num_workers": 2, "cpus_per_worker": 1, **(scaling or {})},
-                   eval={"test_attacks": ["clean"], "test_samples": 64})
-    path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return run_training(C.load_job(path, []))
-
-
-def main() -> int:
-    out = Path(sys.argv[1]).resolve()
-    scenarios = sys.argv[2:] or ["kill_worker", "remove_node", "probe", "elastic"]  # elastic leaves a node fewer
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-
-    import ray
-
-    # the dashboard serves the state API that Ray Train's placement-group cleaner polls; free ports keep it clear
-    # of this test session's own Ray. Every node's processes start knowing the cluster's address (as
-    # raydist.train.driver.start_local_ray does for raydist's own Ray), so the cleaner finds this cluster, not
-    # whatever else runs on the machine.
-    from ray._private.services import get_node_ip_address
-    from ray.cluster_utils import Cluster
-
-    gcs_port = free_port()
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
-    # a worker group waits this long for its resources before Ray Train tries again (elastic: with fewer workers)
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": gcs_port,
-        "dashboard_agent_listen_port": free_port()})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    results: dict = {"head": cluster.head_node.node_id}
-    try:
-        os.environ["RAY_ADDRESS"] = cluster.address  # raydist's driver connects instead of starting a Ray
-        ray.init(address=cluster.address, logging_level="warning", log_to_driver=True)
-        cluster.wait_for_nodes()
-
-        if "kill_worker" in scenarios:
-            rec = results["kill_worker"] = {"nodes": [n.node_id for n in nodes]}
-
-            def kill(r: dict) -> None:
-                victim = _train_workers()[0]
-                r["killed_pid"], r["killed_node"] = victim["Pid"], victim["Address"]["NodeID"]
-                os.kill(victim["Pid"], signal.SIGKILL)
-
-            thread = _after_first_epoch(out / "runs" / "kill_worker", out / "ray_storage" / "kill_worker", kill, rec)
-            rec["summary"] = _train(out, "kill_worker", EPOCHS, max_failures=2,
-                                    storage_path=(out / "ray_storage").as_uri())  # a file:// URI
-            thread.join(timeout=5)
-            # the run directory lost, Ray Train's storage kept: --resume rebuilds it from the stored checkpoint
-            from raydist import config as C
-            from raydist.train.driver import run_training
-
-            (out / "runs" / "kill_worker").rename(out / "runs" / "kill_worker_lost")
-            rec["restored"] = run_training(C.load_job(out / "kill_worker.yaml", []), resume=True)
-
-        if "remove_node" in scenarios:
-            rec = results["remove_node"] = {}
-
-            # the replacement joins first (Node() cannot start from the fault thread); training needs 2 of the 3
-            cluster.add_node(num_cpus=1)
-
-            def remove(r: dict) -> None:
-                busy = {w["Address"]["NodeID"] for w in _train_workers()}
-                victim = next(n for n in cluster.worker_nodes if n.node_id in busy)
-                cluster.remove_node(victim, allow_graceful=False)
-                r["removed_node"] = victim.node_id
-                r["idle_node"] = next(n.node_id for n in cluster.worker_nodes if n.node_id not in busy)
-
-            thread = _after_first_epoch(out / "runs" / "remove_node", out / "runs" / "remove_node" / "ray" / "train",
-                                        remove, rec)
-            rec["summary"] = _train(out, "remove_node", EPOCHS, max_failures=2)
-            thread.join(timeout=5)
-
-        if "elastic" in scenarios:
-            rec = results["elastic"] = {}
-
-            def shrink(r: dict) -> None:
-                busy = {w["Address"]["NodeID"] for w in _train_workers()}
-                victim = next(n for n in cluster.worker_nodes if n.node_id in busy)
-                cluster.remove_node(victim, allow_graceful=False)
-                r["removed_node"] = victim.node_id
-
-            thread = _after_first_epoch(out / "runs" / "elastic", out / "runs" / "elastic" / "ray" / "train",
-                                        shrink, rec)
-            rec["summary"] = _train(out, "elastic", 4, scaling={"min_workers": 1, "resize_interval_s": 5},
-                                    max_failures=3)
-            thread.join(timeout=5)
-
         if "probe" in scenarios:
             from raydist.cluster import storage
 
@@ -279,6 +162,21 @@ def main() -> int:
                 "missing_when_not": storage.nodes_missing(shared, "a token no node has", marker),
                 "leftover_markers": [p.name for p in shared.iterdir() if p.name.startswith(storage.MARKER_PREFIX)],
             }
+        if "elastic" in scenarios:
+            rec = results["elastic"] = {}
+
+            def shrink(r: dict) -> None:
+                busy = {w["Address"]["NodeID"] for w in _train_workers()}
+                victim = next(n for n in cluster.worker_nodes if n.node_id in busy)
+                cluster.remove_node(victim, allow_graceful=False)
+                r["removed_node"] = victim.node_id
+
+            thread = _after_first_epoch(out / "runs" / "elastic", out / "runs" / "elastic" / "ray" / "train",
+                                        shrink, rec)
+            rec["summary"] = _train(out, "elastic", 4, scaling={"min_workers": 1, "resize_interval_s": 5},
+                                    max_failures=3)
+            thread.join(timeout=5)
+
     except Exception:  # noqa: BLE001
         results["error"] = traceback.format_exc()
     finally:
