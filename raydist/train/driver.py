@@ -11,6 +11,7 @@ from typing import Any
 
 from raydist import config as C
 from raydist.cluster import storage
+from raydist.track import tracking_context
 from raydist.train import artifacts, ray_checkpoint
 from raydist.train.loop import LAST, train_loop_per_worker
 
@@ -39,7 +40,7 @@ def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool 
             import yaml
 
             saved = yaml.safe_load(saved_path.read_text())
-            diff = C.differences(saved, cfg, ignore_sections=("run",))
+            diff = C.differences(saved, cfg, ignore_sections=("run", *C.TRACKING_SECTIONS))
             diff = [d for d in diff if not d.startswith("optim.epochs")]
             if diff:
                 raise C.ConfigError(f"--resume: the job differs from {saved_path} in {', '.join(diff)}")
@@ -117,6 +118,8 @@ def start_local_ray(**init_kwargs: Any) -> str:
     import ray
     from ray._private.services import get_node_ip_address
 
+    # the dashboard's Train view (runs, their workers and attempts) is off unless Ray Train records its state
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     last_error: Exception | None = None
     for _ in range(3):  # a port taken between the probe and the GCS binding it: try another
@@ -241,8 +244,10 @@ def scaling_kwargs(sc: dict[str, Any]) -> dict[str, Any]:
             "elastic_resize_monitor_interval_s": sc["resize_interval_s"]}
 
 
-def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
-    """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
+def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True,
+                  tracking: dict[str, Any] | None = None):
+    """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback;
+    ``tracking``: where rank 0 logs, see raydist.track; default: the job's tracking section)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -255,7 +260,8 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
     return TorchTrainer(
         train_loop_per_worker,
         datasets=streamed_datasets(cfg),
-        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
+        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test,
+                           "tracking": tracking or tracking_context(cfg["tracking"], run_dir.parent)},
         scaling_config=ScalingConfig(**scaling_kwargs(sc), use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),
         run_config=RunConfig(
