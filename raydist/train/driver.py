@@ -12,7 +12,7 @@ from typing import Any
 from raydist import config as C
 from raydist.cluster import storage
 from raydist.track import tracking_context
-from raydist.train import artifacts, ray_checkpoint
+from raydist.train import artifacts, quiet, ray_checkpoint
 from raydist.train.loop import LAST, train_loop_per_worker
 
 
@@ -90,6 +90,7 @@ def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        quiet.filter_driver_logs()
     else:
         # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
         start_local_ray(include_dashboard=True, log_to_driver=True, object_store_memory=512 * 1024 * 1024,
@@ -118,8 +119,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
     import ray
     from ray._private.services import get_node_ip_address
 
-    # the dashboard's Train view (runs, their workers and attempts) is off unless Ray Train records its state
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    quiet.prepare_local_env()  # the dashboard's Train view on, Ray's start-up notices off (raydist.train.quiet)
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     last_error: Exception | None = None
     for _ in range(3):  # a port taken between the probe and the GCS binding it: try another
@@ -140,6 +140,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
                     os.environ[key] = value
     else:
         raise RuntimeError(f"could not start a local Ray: {last_error}")
+    quiet.filter_driver_logs()
     return ray.get_runtime_context().gcs_address
 
 

@@ -30,6 +30,7 @@ from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.models.checkpoint import read_checkpoint
 from raydist.track import TrainingTracker
 from raydist.train import artifacts, ray_checkpoint
+from raydist.train.quiet import quiet_loggers
 from raydist.train.schedules import build_schedulers
 from raydist.train.speed import compile_model, setup_device, use_compile
 from raydist.train.watchdog import Watchdog
@@ -126,6 +127,7 @@ def _progress_line(row: dict[str, Any], epochs: int, eta: float) -> str:
 def _quiet_ray_train() -> None:
     """Ray Train logs every report at INFO through a logger named by its file path, which its own
     LoggingConfig level does not reach; our per-epoch line already says what matters."""
+    quiet_loggers()
     try:
         from ray.train.v2._internal.execution import context as train_context
 
