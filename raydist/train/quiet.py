@@ -19,6 +19,9 @@ NOISE = (
     # Ray Train's controller starts its PreemptionWatcher actor with max_restarts > 0 and arguments in the object
     # store; the core worker logs that as an ERROR although nothing is wrong (ray-project/ray#53727)
     re.compile(r"core_worker\.cc.*PreemptionWatcher.*max_restarts"),
+    # Ray Train's controller sets a Ray Data option Ray Data itself has deprecated (its warning and source line)
+    re.compile(r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated"),
+    re.compile(r"^\s*self\.exclude_resources = exclude_resources\s*$"),
     re.compile(r"generated new fontManager"),
     re.compile(r"Matplotlib is building the font cache"),
 )
@@ -28,9 +31,9 @@ def prepare_local_env() -> None:
     """Environment for a local Ray, set before it starts so every worker inherits it (set values are kept)."""
     # the dashboard's Train view (runs, their workers and attempts) needs Ray Train to record its state
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    # Ray enables token authentication on a new local cluster and says so in a warning; naming the same mode
-    # explicitly keeps the protection and drops the warning
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray enables token authentication on a new local cluster (a token in ~/.ray/auth_token) and says so in a
+    # warning at every start; the protection stays, the warning goes
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     _matplotlib_cache()
 
 
