@@ -40,6 +40,12 @@ def _job(tmp: Path, **sections) -> dict:
     return tiny_job(tmp, **base)
 
 
+def _small(tmp: Path, **sections) -> dict:
+    """For the sweep and the comparison: the same job on 256 synthetic 16x16 images (seconds an epoch)."""
+    data = {"dataset": "synthetic", "image_size": 16, "train_size": 256, "test_size": 64, "val_size": 64}
+    return _job(tmp, data=data, **sections)
+
+
 def _runs(client: MlflowClient, name: str | None = None) -> list:
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, max_results=500)
@@ -48,6 +54,12 @@ def _runs(client: MlflowClient, name: str | None = None) -> list:
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _same(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    """The same epochs, the same values (TensorBoard keeps float32)."""
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -62,7 +74,7 @@ def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 def trained(tmp_path_factory, ray_session):
     """One digits run (default store: OUTPUT_DIR/mlflow.db, with best.pt uploaded), then `raydist eval` of it."""
     tmp = tmp_path_factory.mktemp("tracked_run")
-    job = _job(tmp, tracking={"log_checkpoint": True})
+    job = _job(tmp, tracking={"log_checkpoint": True}, data={"val_size": 64})
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):  # where Ray prints its workers' lines
         assert main(["train", str(write_job(tmp, job))]) == 0
@@ -78,7 +90,7 @@ def trained(tmp_path_factory, ray_session):
 def swept(tmp_path_factory, ray_session):
     """A two-trial sweep (trials trained in their Tune processes) with ASHA, logged to a store named by --tracking."""
     tmp = tmp_path_factory.mktemp("tracked_sweep")
-    write_job(tmp, _job(tmp, optim={"epochs": 2}, scaling={"num_workers": 0}), "base.yaml")
+    write_job(tmp, _small(tmp, optim={"epochs": 2}, scaling={"num_workers": 0}), "base.yaml")
     sweep = {"base": "base.yaml", "space": {"optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.2}},
              "search": {"seed": 0}, "scheduler": {"grace_period": 1, "reduction_factor": 2},
              "budget": {"num_trials": 2, "max_concurrent_trials": 1},
@@ -93,7 +105,7 @@ def swept(tmp_path_factory, ray_session):
 def compared(tmp_path_factory, ray_session):
     """Two methods, one epoch each, evaluated under clean and PGD-10 on 32 images."""
     tmp = tmp_path_factory.mktemp("tracked_compare")
-    write_job(tmp, _job(tmp, optim={"epochs": 1}, scaling={"num_workers": 0}), "base.yaml")
+    write_job(tmp, _small(tmp, optim={"epochs": 1}, scaling={"num_workers": 0}), "base.yaml")
     spec = {"base": "base.yaml", "methods": ["fgsm_rs", "fgsm_sdi"],
             "eval": {"attacks": ["clean", "pgd10"], "samples": 32, "workers": 1},
             "run": {"name": "cmp", "output_dir": str(tmp / "cmp")}, "max_concurrent": 1}
@@ -103,6 +115,7 @@ def compared(tmp_path_factory, ray_session):
 
 
 # -- a training run ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(1200)
 def test_a_run_logs_params_metrics_test_table_artifacts_and_tags(trained):
     client = MlflowClient(trained["uri"])
     (run,) = _runs(client, "t")
@@ -114,7 +127,7 @@ def test_a_run_logs_params_metrics_test_table_artifacts_and_tags(trained):
     assert p["tracking.log_checkpoint"] == "True" and p["data.dataset"] == "digits"
     rows = [json.loads(line) for line in (trained["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "train_acc", "val_clean_acc", "val_pgd_acc", "lr", "images_per_sec"):
-        assert _history(client, rid, key) == pytest.approx([(r["epoch"], r[key]) for r in rows], rel=1e-6), key
+        _same(_history(client, rid, key), [(r["epoch"], r[key]) for r in rows])
     summary = json.loads((trained["run_dir"] / "summary.json").read_text())
     for which in ("best", "last"):
         for attack, acc in summary[which]["accuracy"].items():
@@ -133,7 +146,7 @@ def test_tensorboard_files_hold_the_per_epoch_scalars(trained):
     rows = [json.loads(line) for line in (trained["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     assert list(trained["run_dir"].glob("events.out.tfevents.*"))
     for key in ("train_loss", "val_pgd_acc", "lr"):
-        assert _scalars(trained["run_dir"], key) == pytest.approx([(r["epoch"], r[key]) for r in rows], rel=1e-5)
+        _same(_scalars(trained["run_dir"], key), [(r["epoch"], r[key]) for r in rows])
     summary = json.loads((trained["run_dir"] / "summary.json").read_text())
     assert _scalars(trained["run_dir"], "test/best_pgd10")[-1][1] == pytest.approx(
         summary["best"]["accuracy"]["pgd10"], rel=1e-5)
@@ -150,16 +163,17 @@ def test_eval_logs_each_attacks_accuracy_nested_under_the_run(trained):
         assert evals[0].data.metrics[f"eval_best_{attack}"] == pytest.approx(acc)
 
 
+@pytest.mark.timeout(1200)
 def test_the_mlflow_ui_serves_the_run(trained):
     """`mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db` needs no server of ours: started here on a
     free port, its REST API returns the run with its params and metrics."""
     run_id = json.loads((trained["run_dir"] / "tracking.json").read_text())["run_id"]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained["uri"],
-                             "--host", "127.0.0.1", "--port", str(port)],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline, body = time.monotonic() + 120, None
+        deadline, body = time.monotonic() + 400, None  # its imports take minutes on a busy 2-core machine
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}",
@@ -179,6 +193,7 @@ def test_the_mlflow_ui_serves_the_run(trained):
 
 
 # -- a sweep -------------------------------------------------------------------------------------------------
+@pytest.mark.timeout(1200)
 def test_a_sweep_is_a_parent_run_with_one_nested_run_per_trial(swept):
     client = MlflowClient(swept["uri"])
     assert client.get_experiment_by_name("sweeps") is not None
@@ -199,6 +214,7 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_trial(swept):
 
 
 # -- a comparison --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(1200)
 def test_a_compare_is_a_parent_run_with_one_child_per_method_and_its_evaluation(compared):
     client = MlflowClient(compared["uri"])
     (parent,) = _runs(client, "cmp")
@@ -259,7 +275,7 @@ def test_a_tracking_server_down_or_refusing_is_a_warning_and_the_run_goes_on(tmp
     err = capsys.readouterr().err
     assert f"raydist: warning: tracking: the MLflow server {uri}" in err and "metrics.jsonl" in err
     assert not (tmp_path / "tracking.json").exists()
-    assert _scalars(tmp_path, "val_pgd_acc") == [(1, 0.25)]  # TensorBoard does not depend on the server
+    _same(_scalars(tmp_path, "val_pgd_acc"), [(1, 0.25)])  # TensorBoard does not depend on the server
 
 
 def test_only_rank_0_logs(tmp_path):
@@ -323,6 +339,11 @@ def test_local_ray_environment_and_noise_filter(monkeypatch, tmp_path):
     quiet.quiet_loggers()
     assert not logging.getLogger("matplotlib.font_manager").isEnabledFor(logging.INFO)
     assert quiet._keep("[###.......] epoch 1/2  loss 2.498  train 8.8%")
+    late = ["Failed to send resource request for train-86. If this only happens transiently during network "
+            "partition or CPU being overloaded, it's safe to ignore this error.", "Traceback (most recent call last):",
+            '  File "ray/_private/worker.py", line 3009, in get', "    values = worker.get_objects(",
+            "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.", "[##########] epoch 2/2"]
+    assert quiet.drop_noise([noise, *late]) == ["[##########] epoch 2/2"]
 
 
 def test_rays_internal_noise_does_not_reach_the_terminal(trained, ray_session):

@@ -58,8 +58,27 @@ def quiet_loggers() -> None:
     logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
 
 
+# a notice that opens a traceback: the notice and its traceback are dropped together. Ray Train's controller asks
+# the autoscaling coordinator for resources with a short timeout and, on a busy machine, logs each late answer
+# with its traceback although it asks again and nothing is lost ("it's safe to ignore this error")
+NOISE_BLOCKS = (re.compile(r"Failed to send resource request for train-.*safe to ignore"),)
+_TRACEBACK = re.compile(r"^(Traceback |\s|[\w.]+(Error|Exception|Timeout)\b)")
+
+
 def _keep(line: str) -> bool:
     return not any(p.search(line) for p in NOISE)
+
+
+def drop_noise(lines: list[str]) -> list[str]:
+    """``lines`` (one batch of a worker's log) without NOISE lines and NOISE_BLOCKS with their tracebacks."""
+    out, in_block = [], False
+    for line in lines:
+        if in_block and _TRACEBACK.match(line):
+            continue
+        in_block = any(p.search(line) for p in NOISE_BLOCKS)
+        if not in_block and _keep(line):
+            out.append(line)
+    return out
 
 
 def filter_driver_logs() -> None:
@@ -74,7 +93,7 @@ def filter_driver_logs() -> None:
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
 
     def filtered(data):
-        lines = [ln for ln in data.get("lines", []) if _keep(ln)]
+        lines = drop_noise(data.get("lines", []))
         if lines:
             ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
