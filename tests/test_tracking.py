@@ -210,6 +210,7 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_trial(swept):
         assert len(_history(client, c.info.run_id, "val_pgd_acc")) == int(t["epochs"])
         assert float(c.data.params["optim.lr"]) == pytest.approx(float(t["optim.lr"]))
         assert _scalars(swept["dir"] / "trials" / c.info.run_name, "val_pgd_acc")
+        assert {"config.yaml", "curves.png"} <= {a.path for a in client.list_artifacts(c.info.run_id)}
     assert "trials.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 

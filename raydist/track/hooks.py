@@ -141,6 +141,9 @@ def finish_sweep(run: MlflowRun, out: dict[str, Any] | None, sweep_dir: Path) ->
             continue
         child = MlflowRun(run.client, rec["run_id"], run.uri)
         child.tags({"trial_state": row["state"], "trial": row["trial"], "mlflow.parentRunId": run.run_id})
+        if not run._call("listing artifacts", lambda r=rec: run.client.list_artifacts(r["run_id"])):
+            # Tune ended the trial at its last report (or ASHA stopped it), before the trial logged its files
+            child.artifacts([sweep_dir / "trials" / row["trial"] / n for n in RUN_ARTIFACTS])
         child.status(TRIAL_STATUS.get(row["state"], "FINISHED"))
     best = out.get("best")
     if best is not None:
