@@ -164,13 +164,14 @@ def test_eval_logs_each_attacks_accuracy_nested_under_the_run(trained):
 
 
 @pytest.mark.timeout(1200)
-def test_the_mlflow_ui_serves_the_run(trained):
+def test_the_mlflow_ui_serves_the_run(trained, tmp_path):
     """`mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db` needs no server of ours: started here on a
-    free port, its REST API returns the run with its params and metrics."""
+    free port, its REST API returns the run with its params and metrics; and as a tracking server (http://) it
+    takes a run's logging the same way."""
     run_id = json.loads((trained["run_dir"] / "tracking.json").read_text())["run_id"]
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained["uri"],
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, body = time.monotonic() + 400, None  # its imports take minutes on a busy 2-core machine
@@ -187,6 +188,23 @@ def test_the_mlflow_ui_serves_the_run(trained):
         assert {p["key"]: p["value"] for p in data["params"]}["method.name"] == "fgsm_sdi"
         assert "val_pgd_acc" in {m["key"] for m in data["metrics"]}
         assert body["run"]["info"]["status"] == "FINISHED"
+
+        remote = f"http://127.0.0.1:{port}"
+        run_dir = tmp_path / "remote_run"
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("optim: {lr: 0.1}\n")
+        job = {"tracking": {}, "run": {"name": "over_http"}, "method": {"name": "pgd_at", "epsilon": 8 / 255},
+               "model": {"name": "resnet18", "activation": "silu"}, "data": {"dataset": "digits"}}
+        with track.TrainingTracker({"tracking": {**_ctx(remote), "experiment": "remote"}}) as tracker:
+            tracker.start(0, job, run_dir)
+            for epoch in (1, 2):
+                tracker.epoch({"epoch": epoch, "val_pgd_acc": 0.1 * epoch})
+            tracker.finish()
+        client = MlflowClient(remote)
+        logged = client.get_run(json.loads((run_dir / "tracking.json").read_text())["run_id"])
+        assert logged.info.status == "FINISHED" and logged.data.tags["activation"] == "silu"
+        _same(_history(client, logged.info.run_id, "val_pgd_acc"), [(1, 0.1), (2, 0.2)])
+        assert "config.yaml" in {a.path for a in client.list_artifacts(logged.info.run_id)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
