@@ -34,7 +34,8 @@ from raydist.track.context import TrackingContext  # noqa: E402
 
 def _job(tmp: Path, **sections) -> dict:
     base = {"model": {"width": 4}, "method": {"generator_width": 4}, "eval": {"val_steps": 2, "test_samples": 32,
-                                                                               "test_attacks": ["clean", "pgd10"]}}
+                                                                               "test_attacks": ["clean", "pgd10"]},
+            "tracking": {"mlflow": True, "tensorboard": True}}  # tiny_job has them off
     for sec, values in sections.items():
         base.setdefault(sec, {}).update(values)
     return tiny_job(tmp, **base)
