@@ -10,6 +10,8 @@ import csv
 import http.server
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -173,7 +175,7 @@ def test_the_mlflow_ui_serves_the_run(trained, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained["uri"],
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline, body = time.monotonic() + 400, None  # its imports take minutes on a busy 2-core machine
         while time.monotonic() < deadline and proc.poll() is None:
@@ -206,9 +208,13 @@ def test_the_mlflow_ui_serves_the_run(trained, tmp_path):
         assert logged.info.status == "FINISHED" and logged.data.tags["activation"] == "silu"
         _same(_history(client, logged.info.run_id, "val_pgd_acc"), [(1, 0.1), (2, 0.2)])
         assert "config.yaml" in {a.path for a in client.list_artifacts(logged.info.run_id)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    finally:  # the server and its uvicorn worker: its own process group
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 # -- a sweep -------------------------------------------------------------------------------------------------
@@ -345,8 +351,6 @@ def test_local_ray_environment_and_noise_filter(monkeypatch, tmp_path):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     quiet.prepare_local_env()
-    import os
-
     assert os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"  # the dashboard's Train view
     assert os.environ["MPLCONFIGDIR"] == str(tmp_path / "matplotlib")
     noise = ("[2026-12-02 11:49:19,878 E 12761 12813] core_worker.cc:2465: Actor with class name: "
