@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,tracking]"
 	# test-only: an independent attack implementation to check ours against; --no-deps because it pins an old
 	# requests (what it really needs, numpy/scipy/tqdm, is already here)
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1

@@ -24,6 +24,7 @@ EPILOG = """examples:
   raydist eval runs/x/best.pt --attacks clean,pgd20,aa     # robust accuracy on a pool of Ray actors
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
+  raydist docs keys > docs/keys.md                        # the job-file key reference, from the schema
   raydist data to-parquet ~/imagenet ~/imagenet-parquet   # class folders -> sharded parquet for streaming
   raydist submit jobs/x.yaml --address http://HEAD:8265 --follow  # run it on a Ray cluster (Ray Jobs API)
   raydist jobs list|status ID|logs ID|stop ID             # submitted jobs (address from RAY_ADDRESS)
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"raydist {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    def tracking_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tracking", default=None, metavar="URI",
+                        help="MLflow store: sqlite:///PATH or http://HOST:5000 (sets tracking.uri; default: "
+                             "sqlite:///OUTPUT_DIR/mlflow.db)")
+
     def job_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("job", help="job file (YAML), e.g. jobs/digits_fgsm_sdi.yaml")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -58,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     job_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start again")
+    tracking_arg(t)
 
     c = sub.add_parser("check", help="validate a job file and print the resolved config (no training)")
     job_args(c)
@@ -71,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a key of the base job (repeatable)")
     tu.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
     tu.add_argument("--overwrite", action="store_true", help="delete an existing sweep directory and start again")
+    tracking_arg(tu)
 
     co = sub.add_parser("compare", help="train several methods under one protocol and tabulate them as the papers do",
                         description="Train each method of a compare file as its own Ray Train run (concurrently "
@@ -85,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="train again runs whose config changed (and interrupted ones), evaluate again evaluations "
                          "whose settings changed; unchanged finished runs are still reused")
     co.add_argument("--workers", type=int, default=None, help="evaluation actors (default: the file's eval.workers)")
+    tracking_arg(co)
 
     ev = sub.add_parser("eval", help="robust accuracy of checkpoints under attacks, on a pool of Ray actors",
                         description="Split the test set into shards and attack them on Ray evaluation actors. Writes "
@@ -110,8 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output directory (default: next to the first checkpoint, eval/)")
     ev.add_argument("--resume", action="store_true", help="finish an interrupted evaluation")
     ev.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    ev.add_argument("--tracking", default=None, metavar="URI",
+                    help="log each attack's accuracy per checkpoint to this MLflow store (default: the store the "
+                         "checkpoints' training run logged to, nested under that run)")
 
     sub.add_parser("models", help="list the model names create_model and job files accept")
+    dc = sub.add_parser("docs", help="print generated reference pages (keys: every job-file key, from the schema)")
+    dc.add_argument("page", choices=("keys",), help="keys: the job-file key reference (docs/keys.md)")
     sm = sub.add_parser("submit", help="run a job, sweep or compare file on a Ray cluster (Ray Jobs API)",
                         description="Validate FILE here, then submit `raydist train|tune|compare FILE` to the "
                                     "cluster with this project as the job's working directory (runs, data, .venv "
@@ -167,10 +181,28 @@ def _failure_exits_1(what: str, work: Callable[[], Any], *, root_cause: bool = F
     return 0
 
 
+def _with_tracking(args: argparse.Namespace) -> list[str]:
+    """--tracking URI is tracking.uri, set last."""
+    if args.tracking is None:
+        return list(args.overrides)
+    if not args.tracking.strip():
+        raise ConfigError("--tracking: empty; give an MLflow URI such as sqlite:///runs/mlflow.db")
+    import json
+
+    return [*args.overrides, f"tracking.uri={json.dumps(args.tracking)}"]
+
+
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from raydist.keys_doc import key_reference
+
+    print(key_reference(), end="")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from raydist.config import load_job
 
-    cfg = load_job(args.job, args.overrides)
+    cfg = load_job(args.job, _with_tracking(args))
     from raydist.train.driver import run_training
 
     return _failure_exits_1("training", lambda: run_training(cfg, overwrite=args.overwrite, resume=args.resume),
@@ -180,7 +212,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from raydist.tune.sweep import load_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides)
+    sweep = load_sweep(args.sweep, _with_tracking(args))
     from raydist.tune.runner import run_sweep
 
     return _failure_exits_1("sweep", lambda: run_sweep(sweep, overwrite=args.overwrite, resume=args.resume))
@@ -191,7 +223,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-    spec = load_compare(args.compare, args.overrides)
+    spec = load_compare(args.compare, _with_tracking(args))
     from raydist.compare.runner import run_compare
 
     return _failure_exits_1("compare", lambda: run_compare(spec, overwrite=args.overwrite, resume=args.resume,
@@ -228,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoints, attacks, eps, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, batch_size=args.batch_size,
         samples=args.samples, seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
-        data_root=args.data_root, precision=args.precision))
+        data_root=args.data_root, precision=args.precision, tracking=args.tracking or True))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -292,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler = {"train": _cmd_train, "tune": _cmd_tune, "compare": _cmd_compare, "eval": _cmd_eval,
                "check": _cmd_check, "models": _cmd_models, "data": _cmd_data, "submit": _cmd_submit,
-               "jobs": _cmd_jobs}[args.command]
+               "jobs": _cmd_jobs, "docs": _cmd_docs}[args.command]
     try:
         code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush

@@ -251,7 +251,23 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "guard_drop": Field("float", None, nullable=True, min=0, max=1,
                             help="stop when val PGD accuracy falls this far below its best"),
     },
+    "tracking": {
+        "mlflow": Field("bool", True, help="log the run to MLflow (installed by `pip install raydist[tracking]`; "
+                                           "without it, nothing is logged)"),
+        "uri": Field("str", None, nullable=True,
+                     help="MLflow tracking URI: sqlite:///PATH, a path (a SQLite file), or a tracking server "
+                          "http://HOST:5000; default: sqlite:///OUTPUT_DIR/mlflow.db (open it with `mlflow ui "
+                          "--backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db`); a server that is down is a "
+                          "warning, never a failed run"),
+        "experiment": Field("str", "raydist", help="MLflow experiment the runs go to"),
+        "log_checkpoint": Field("bool", False, help="also upload best.pt to MLflow as an artifact"),
+        "tensorboard": Field("bool", True, help="write the per-epoch scalars as TensorBoard event files into the run "
+                                                "directory (`tensorboard --logdir OUTPUT_DIR`)"),
+    },
 }
+
+# sections that say where a run is logged, not what it trains: a resumed or reused run may change them
+TRACKING_SECTIONS = ("tracking",)
 
 METHOD_COMMON = ("name", "epsilon", "label_smoothing")
 
@@ -405,6 +421,8 @@ def validate(raw: dict[str, Any] | None, *, name_hint: str = "job") -> dict[str,
     if "/" in cfg["run"]["name"] or cfg["run"]["name"] in ("", ".", ".."):
         raise ConfigError(f"run.name: must be a plain name, got {cfg['run']['name']!r}")
     _check_storage(cfg["run"])
+    if cfg["tracking"]["uri"] is not None and not cfg["tracking"]["uri"].strip():
+        raise ConfigError("tracking.uri: empty; leave it out for sqlite:///OUTPUT_DIR/mlflow.db")
     ms = cfg["optim"]["milestones"]
     multistep = cfg["optim"]["schedule"] == "multistep"
     if multistep and ms is not None and any(m < 1 or m > cfg["optim"]["epochs"] for m in ms):

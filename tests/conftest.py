@@ -77,6 +77,8 @@ def tiny_job(tmp_path: Path, **sections) -> dict:
         "optim": {"epochs": 2, "lr": 0.05, "schedule": "cyclic"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "eval": {"val_steps": 3, "test_attacks": ["clean", "fgsm", "pgd10"], "test_samples": 64},
+        # importing MLflow costs every training process seconds; tests/test_tracking.py turns tracking on
+        "tracking": {"mlflow": False, "tensorboard": False},
     }
     for sec, values in sections.items():
         job.setdefault(sec, {}).update(values)

@@ -38,7 +38,8 @@ EVAL_DIR, RUNS_DIR = "eval", "runs"
 def config_differences(saved: dict[str, Any], job: dict[str, Any]) -> list[str]:
     """What differs between a run's saved config and the job, apart from where the run lives and how it prints."""
     place = {f"run.{k}" for k in RUN_PLACE_KEYS}
-    return [d for d in C.differences(saved, job) if d.split(" ", 1)[0] not in place]
+    return [d for d in C.differences(saved, job, ignore_sections=C.TRACKING_SECTIONS)
+            if d.split(" ", 1)[0] not in place]
 
 
 def run_state(job: dict[str, Any]) -> tuple[str, str]:
@@ -145,11 +146,12 @@ def plan_evals(spec: dict[str, Any], actions: list[str], *, overwrite: bool) -> 
 
 
 # -- training --------------------------------------------------------------------------------------------------
-def _train_one(job: dict[str, Any], resume: str | None) -> None:
-    """A Ray task: drive one Ray Train run (its workers ask for their own CPUs/GPUs) without the final test."""
+def _train_one(job: dict[str, Any], resume: str | None, tracking: dict[str, Any] | None = None) -> None:
+    """A Ray task: drive one Ray Train run (its workers ask for their own CPUs/GPUs) without the final test
+    (``tracking``: its MLflow run nests under the comparison's)."""
     from raydist.train.driver import build_trainer, fit
 
-    fit(build_trainer(job, resume, final_test=False), job)
+    fit(build_trainer(job, resume, final_test=False, tracking=tracking), job)
 
 
 def _need(job: dict[str, Any]) -> dict[str, float]:
@@ -195,7 +197,8 @@ def _cause(err: BaseException) -> str:
     return lines[-1] if lines and "Traceback" in lines[0] else (lines[0] if lines else type(err).__name__)
 
 
-def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> dict[str, dict[str, Any]]:
+def train_all(spec: dict[str, Any], actions: list[str], limit: int | None,
+              tracking: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Train the runs that need it, as many at once as the cluster fits (and ``limit``); returns per-run records."""
     import ray
 
@@ -248,7 +251,7 @@ def train_all(spec: dict[str, Any], actions: list[str], limit: int | None) -> di
                     seen[r["slug"]] = len(artifacts.read_metrics(run_dir_of(r["job"])))
                     for k, v in need.items():
                         free[k] = free.get(k, 0.0) - v
-                    running[remote.remote(r["job"], resume)] = (r, need)
+                    running[remote.remote(r["job"], resume, tracking)] = (r, need)
                     records[r["slug"]]["started_at"] = time.time()
                     verb = "continuing" if resume else "training"
                     print(f"raydist: {verb} {r['label']} ({r['job']['method']['name']}"
@@ -436,7 +439,24 @@ def run_compare(spec: dict[str, Any], *, overwrite: bool = False, resume: bool =
     print(f"raydist: compare {', '.join(r['label'] for r in spec['runs'])} on "
           f"{spec['runs'][0]['job']['data']['dataset']} at eps = {_frac(spec['eval']['eps'])}; directory {d}",
           flush=True)
-    records = train_all(spec, actions, spec["max_concurrent"])
+    from raydist import track
+
+    parent, tracking = track.start_compare(spec)  # each method's run nests under the comparison's
+    try:
+        out, results = _train_evaluate_tabulate(spec, actions, workers, start, tracking)
+    except BaseException:
+        track.finish_compare(parent, None, d)
+        raise
+    track.finish_compare(parent, results, d)
+    failed = [r["label"] for r in results if r["error"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the table holds the others)")
+    return out
+
+
+def _train_evaluate_tabulate(spec: dict[str, Any], actions: list[str], workers: int | None, start: float,
+                             tracking: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    records = train_all(spec, actions, spec["max_concurrent"], tracking)
     _keep_times_of_reused(spec, records)
     trained = [r for r in spec["runs"] if records[r["slug"]]["error"] is None]
     evaluated = evaluate_all(spec, trained, workers=workers) if trained else {}
@@ -447,7 +467,4 @@ def run_compare(spec: dict[str, Any], *, overwrite: bool = False, resume: bool =
         res.update(evaluated.get(r["slug"], {}))
         results.append(res)
     out = report.write_outputs(spec, results, wall_seconds=time.time() - start)
-    failed = [r["label"] for r in results if r["error"]]
-    if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)} (the table holds the others)")
-    return out
+    return out, results

@@ -15,6 +15,7 @@ eval:                                # evaluation of best.pt and last.pt on the 
   workers: 2
 run: {name: null, output_dir: null}  # default: the compare file's name, the base job's output_dir
 max_concurrent: null                 # training runs at once (default: as many as the cluster fits)
+tracking: {experiment: compare}      # keys of the job's tracking section (optional; default: the base job's)
 ```
 
 Each method's job is the base job with its ``method`` section replaced: ``{name, epsilon}`` plus the entry's own
@@ -35,7 +36,7 @@ from typing import Any
 
 from raydist import config as C
 
-COMPARE_KEYS = ("base", "overrides", "methods", "eval", "run", "max_concurrent")
+COMPARE_KEYS = ("base", "overrides", "methods", "eval", "run", "max_concurrent", "tracking")
 EVAL_DEFAULTS: dict[str, Any] = {
     "attacks": ["clean", "pgd10", "pgd20", "pgd50", "cw20", "apgd-ce", "aa"],
     "eps": None, "samples": None, "budgets": {}, "workers": 2, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
@@ -269,7 +270,10 @@ def load_compare(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     if not base_path.is_file():
         raise C.ConfigError(f"base: job file not found: {base_path}")
     base_raw = C.mapping(C.read_yaml(base_path, "base: ") or {}, f"base: {base_path}")
-    changes = _job_changes(raw.get("overrides"), "overrides") + _cli_changes(overrides)
+    tracking = [("tracking", str(k), v) for k, v in C.mapping(raw.get("tracking"), "tracking").items()]
+    for _, key, _ in tracking:
+        C._check_key("tracking", key)
+    changes = tracking + _job_changes(raw.get("overrides"), "overrides") + _cli_changes(overrides)
     C.validate(_apply(base_raw, changes), name_hint=base_path.stem)  # a mistake in the base job is its own
 
     items = raw.get("methods")

@@ -90,9 +90,11 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
                    shard_size: int = 256, batch_size: int = 256, samples: int | None = None, seed: int = 0,
                    eps_sweep: list[float] | None = None, resume: bool = False, overwrite: bool = False,
                    data_root: str | None = None, attack_kwargs: dict[str, Any] | None = None,
-                   precision: str = "fp32") -> dict[str, Any]:
+                   precision: str = "fp32", tracking: str | bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoints`` under ``attacks`` on the actor pool; returns the report (also written to
-    ``out_dir``). ``precision``: fp32 (default) or bf16 for the attacks' forward and backward passes."""
+    ``out_dir``). ``precision``: fp32 (default) or bf16 for the attacks' forward and backward passes.
+    ``tracking``: log each attack's accuracy per checkpoint to MLflow (raydist.track.log_evaluation): an MLflow
+    URI, or True for the store the checkpoints' training run logged to (if any)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -198,7 +200,12 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    return summarize(out, paths, attacks, eps, sweep, precision)
+    report = summarize(out, paths, attacks, eps, sweep, precision)
+    if tracking:
+        from raydist.track import log_evaluation
+
+        log_evaluation(report, out, tracking if isinstance(tracking, str) else None)
+    return report
 
 
 def _check_resume_settings(out: Path, settings: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 from raydist import config as C
 from raydist.cluster import storage
-from raydist.train import artifacts, ray_checkpoint
+from raydist.track import tracking_context
+from raydist.train import artifacts, quiet, ray_checkpoint
 from raydist.train.loop import BEST, LAST, train_loop_per_worker
 
 
@@ -37,7 +38,7 @@ def check_run_dir(cfg: dict[str, Any], *, overwrite: bool = False, resume: bool 
         saved_path = run_dir / artifacts.CONFIG
         if saved_path.is_file():
             saved = C.mapping(C.read_yaml(saved_path, "--resume: "), f"--resume: {saved_path}")
-            diff = C.differences(saved, cfg, ignore_sections=("run",))
+            diff = C.differences(saved, cfg, ignore_sections=("run", *C.TRACKING_SECTIONS))
             diff = [d for d in diff if not d.startswith("optim.epochs")]
             if diff:
                 raise C.ConfigError(f"--resume: the job differs from {saved_path} in {', '.join(diff)}")
@@ -103,6 +104,7 @@ def ensure_ray(cfg: dict[str, Any] | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        quiet.filter_driver_logs()
     else:
         # the dashboard hosts the state API that Ray Train's placement-group cleaner polls
         start_local_ray(include_dashboard=True, log_to_driver=True, object_store_memory=object_store_bytes(cfg),
@@ -152,6 +154,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
     import ray
     from ray._private.services import get_node_ip_address
 
+    quiet.prepare_local_env()  # the dashboard's Train view on, Ray's start-up notices off (raydist.train.quiet)
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     last_error: Exception | None = None
     for _ in range(3):  # a port taken between the probe and the GCS binding it: try another
@@ -172,6 +175,7 @@ def start_local_ray(**init_kwargs: Any) -> str:
                     os.environ[key] = value
     else:
         raise RuntimeError(f"could not start a local Ray: {last_error}")
+    quiet.filter_driver_logs()
     return ray.get_runtime_context().gcs_address
 
 
@@ -277,8 +281,10 @@ def scaling_kwargs(sc: dict[str, Any]) -> dict[str, Any]:
             "elastic_resize_monitor_interval_s": sc["resize_interval_s"]}
 
 
-def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True):
-    """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback)."""
+def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | None = None, final_test: bool = True,
+                  tracking: dict[str, Any] | None = None):
+    """The Ray Train V2 TorchTrainer for a resolved job config (``callbacks``: e.g. Tune's report callback;
+    ``tracking``: where rank 0 logs, see raydist.track; default: the job's tracking section)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -298,7 +304,8 @@ def build_trainer(cfg: dict[str, Any], resume: str | None, callbacks: list | Non
         train_loop_per_worker,
         datasets=datasets,
         **extra,
-        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test},
+        train_loop_config={"job": cfg, "run_dir": str(run_dir), "resume": resume, "final_test": final_test,
+                           "tracking": tracking or tracking_context(cfg["tracking"], run_dir.parent)},
         scaling_config=ScalingConfig(**scaling_kwargs(sc), use_gpu=sc["use_gpu"],
                                      resources_per_worker=resources if sc["num_workers"] else None),
         run_config=RunConfig(

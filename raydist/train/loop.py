@@ -29,7 +29,9 @@ from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
 from raydist.models.checkpoint import read_checkpoint
+from raydist.track import TrainingTracker
 from raydist.train import artifacts, ray_checkpoint
+from raydist.train.quiet import quiet_loggers
 from raydist.train.schedules import build_schedulers
 from raydist.train.speed import compile_model, setup_device, use_compile
 from raydist.train.watchdog import Watchdog
@@ -126,6 +128,7 @@ def _progress_line(row: dict[str, Any], epochs: int, eta: float) -> str:
 def _quiet_ray_train() -> None:
     """Ray Train logs every report at INFO through a logger named by its file path, which its own
     LoggingConfig level does not reach; our per-epoch line already says what matters."""
+    quiet_loggers()
     try:
         from ray.train.v2._internal.execution import context as train_context
 
@@ -243,15 +246,16 @@ def _data_feed(job: dict[str, Any], common: dict[str, Any], seed: int, session) 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"job": resolved job config, "run_dir": str, "resume": str|None,
     "final_test": bool (default true)}; a sweep trial in its own process adds "tune_trial": true and, with
-    data.stream, "datasets" (see _TuneTrialSession). A watchdog reports a step that stalls (run.stall_*)."""
+    data.stream, "datasets" (see _TuneTrialSession); "tracking": where rank 0 logs (raydist.track). A watchdog
+    reports a step that stalls (run.stall_*)."""
     _quiet_ray_train()
     run = config["job"]["run"]
     watchdog = Watchdog(run.get("stall_warning_s"), fail_after_s=run.get("stall_timeout_s"))
-    with watchdog:
-        _train(config, watchdog)
+    with watchdog, TrainingTracker(config) as tracker:
+        _train(config, watchdog, tracker)
 
 
-def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
+def _train(config: dict[str, Any], watchdog: Watchdog, tracker: TrainingTracker) -> None:
     job = config["job"]
     run_dir = Path(config["run_dir"])
     run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]
@@ -331,6 +335,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
 
     if rank == 0:  # drop rows of an epoch that a failed attempt recorded but never checkpointed
         artifacts.truncate_metrics(run_dir, start_epoch)
+    tracker.start(rank, job, run_dir)
     # the data section travels with the checkpoint so `raydist eval` finds the same test split
     meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"], "data": dict(data)}
     history = artifacts.read_metrics(run_dir) if rank == 0 else []
@@ -414,6 +419,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
                                 method_state=method.state_dict(), **meta)
             row["checkpoint_seconds"] = time.perf_counter() - t_ckpt  # what training waits for at the epoch's end
             artifacts.append_metrics(run_dir, row)
+            tracker.epoch(row)
             history.append(row)
             artifacts.plot_curves(run_dir, history, title=f"{run['name']}: {job['method']['name']}, "
                                                           f"{mcfg['name']} ({mcfg['activation']})")
@@ -438,6 +444,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog) -> None:
         workers = _workers(rank, world, device, images_here, start_epoch + 1)
         _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
                     meta, last_done, workers, watchdog)
+    tracker.finish()
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,

@@ -75,7 +75,7 @@ class DefineByRun:
 
 def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> None:
     """One trial: the base job with this trial's parameters, trained by Ray Train, reporting to Tune (with
-    ``scaling.num_workers: 0``, trained in this process)."""
+    ``scaling.num_workers: 0``, trained in this process); logged as a run nested under the sweep's (raydist.track)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -98,9 +98,11 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any], sweep_dir: str) -> Non
             return
     if job["scaling"]["num_workers"] == 0:  # the loop runs here, in the trial's process, and reports to Tune
         train_loop_per_worker({"job": job, "run_dir": str(run_dir), "resume": resume, "final_test": False,
-                               "tune_trial": True, "datasets": streamed_datasets(job)})
+                               "tune_trial": True, "datasets": streamed_datasets(job),
+                               "tracking": sweep.get("tracking")})
     else:
-        fit(build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False), job)
+        fit(build_trainer(job, resume, callbacks=[TuneReportCallback()], final_test=False,
+                          tracking=sweep.get("tracking")), job)
 
 
 DRIVER_RESOURCE = "raydist_driver"  # declared by the head and on-demand nodes of clusters/*.yaml
@@ -266,5 +268,13 @@ def run_sweep(sweep: dict[str, Any], *, overwrite: bool = False, resume: bool = 
     print(f"raydist: sweep {sweep['run']['name']}: {sweep['budget']['num_trials']} trials of "
           f"{Path(sweep['base_path']).name}, {sweep['budget']['max_concurrent_trials']} at a time; "
           f"directory {d}", flush=True)
-    grid = build_tuner(sweep, resume=resume).fit()
-    return report.write_outputs(sweep, d, grid)
+    from raydist import track
+
+    parent, sweep["tracking"] = track.start_sweep(sweep, d)  # the trials' runs nest under the sweep's
+    out = None
+    try:
+        grid = build_tuner(sweep, resume=resume).fit()
+        out = report.write_outputs(sweep, d, grid)
+    finally:
+        track.finish_sweep(parent, out, d)
+    return out

@@ -13,6 +13,7 @@ search: {seed: 0, initial: [{method.k: 20}]}
 scheduler: {grace_period: 1, reduction_factor: 2}     # ASHA on validation PGD accuracy (or: none)
 budget: {num_trials: 8, max_concurrent_trials: 2}
 run: {name: my_sweep, output_dir: runs}
+tracking: {experiment: sweeps}      # keys of the job's tracking section (optional; default: the base job's)
 ```
 
 Every mistake raises ConfigError with one line naming the key, before Ray starts.
@@ -28,7 +29,7 @@ import yaml
 
 from raydist import config as C
 
-SWEEP_KEYS = ("base", "set", "space", "objective", "search", "scheduler", "budget", "run")
+SWEEP_KEYS = ("base", "set", "space", "objective", "search", "scheduler", "budget", "run", "tracking")
 SPACE_TYPES = ("int", "float", "loguniform", "choice")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "search": {"seed": 0, "initial": []},
@@ -66,7 +67,7 @@ def _check_int(value: Any, key: str, minimum: int) -> int:
 def _check_entry(path: str, entry: Any, base: dict[str, Any]) -> dict[str, Any]:
     where = f"space.{path}"
     section, key = _job_key(path, where)
-    if section in ("scaling", "run"):
+    if section in ("scaling", "run", *C.TRACKING_SECTIONS):
         # a trial's resources and run directory are fixed before Optuna draws its parameters
         raise C.ConfigError(f"{where}: {section} keys cannot be searched (set them in the base job or in 'set')")
     entry = dict(C.mapping(entry, where))
@@ -135,9 +136,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not base_path.is_file():
         raise C.ConfigError(f"base: job file not found: {base_path}")
     base_raw = C.mapping(C.read_yaml(base_path, "base: "), f"base: {base_path}")
-    fixed = C.mapping(raw.get("set"), "set")
+    fixed = dict(C.mapping(raw.get("set"), "set"))
     for key in fixed:
         _job_key(key, "set")
+    for key, value in C.mapping(raw.get("tracking"), "tracking").items():  # the sweep's own tracking section
+        _job_key(f"tracking.{key}", "tracking")
+        fixed[f"tracking.{key}"] = value
     base_raw = C.apply_overrides(base_raw, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
                                             for k, v in fixed.items()])
     base_raw = C.apply_overrides(base_raw, overrides)
