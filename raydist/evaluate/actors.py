@@ -13,6 +13,36 @@ import numpy as np
 import torch
 
 
+# float slack when checking an adversarial batch against its threat model (pixels are multiples of 1/255)
+BOUND_TOLERANCE = 1e-5
+
+
+class ThreatModelError(RuntimeError):
+    """An attack returned a point outside the eps-ball around its input or outside [0, 1]: counting it would
+    misstate robustness, so the evaluation stops."""
+
+
+def check_threat_model(x: torch.Tensor, x_adv: torch.Tensor, eps: float, attack: str, first: int) -> torch.Tensor:
+    """Per-sample L-inf norm of ``x_adv - x`` after checking that every adversarial example lies in the eps-ball
+    (up to BOUND_TOLERANCE) and in [0, 1]; raises ThreatModelError naming the attack and the first bad sample
+    (``first``: the batch's first test index). NaN counts as outside."""
+    if x_adv.shape != x.shape:
+        raise ThreatModelError(f"{attack} returned a batch of shape {tuple(x_adv.shape)} for inputs of shape "
+                               f"{tuple(x.shape)}")
+    delta = (x_adv.detach().float() - x.float()).flatten(1)
+    norm = delta.abs().amax(1)
+    low = x_adv.detach().float().flatten(1).amin(1)
+    high = x_adv.detach().float().flatten(1).amax(1)
+    ok = (norm <= eps + BOUND_TOLERANCE) & (low >= -BOUND_TOLERANCE) & (high <= 1 + BOUND_TOLERANCE)
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        raise ThreatModelError(
+            f"{attack} returned an adversarial example outside its threat model for test image {first + i}: "
+            f"L-inf distance {float(norm[i]):.6g} (eps {eps:.6g}), pixel range [{float(low[i]):.6g}, "
+            f"{float(high[i]):.6g}] (must be in [0, 1]); not counted, the evaluation stops")
+    return norm
+
+
 class EvalWorker:
     """Plain class; the runner wraps it with ``ray.remote`` (fractional GPUs let several share one device)."""
 
@@ -51,7 +81,7 @@ class EvalWorker:
         kwargs = dict(attack_kwargs or {})
         if precision != "fp32":
             kwargs["precision"] = precision
-        preds, robust = [], []
+        preds, robust, norms = [], [], []
         for b0 in range(start, end, batch_size):
             b1 = min(end, b0 + batch_size)
             x = self.x[b0:b1].to(self.device).float().div_(255)
@@ -62,17 +92,21 @@ class EvalWorker:
                 clean = model(x).argmax(1)
             if attack == "clean":
                 ok = clean == y
+                norm = torch.zeros(len(y))
             else:
                 x_adv = run_attack(attack, model, x, y, eps, seed=seed + b0, **kwargs)
+                norm = check_threat_model(x, x_adv, eps, attack, b0)  # before anything is counted
                 with torch.no_grad():
                     ok = model(x_adv).argmax(1) == y
             preds.append(clean.cpu())
             robust.append(ok.cpu())
+            norms.append(norm.cpu().float())
         return {
             "index": np.arange(start, end),
             "label": self.y[start:end].numpy(),
             "clean_pred": torch.cat(preds).numpy(),
             "robust": torch.cat(robust).numpy(),
+            "linf": torch.cat(norms).numpy(),  # the perturbation's L-inf norm (FAB's minimal norms)
         }
 
     def ping(self) -> int:

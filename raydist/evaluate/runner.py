@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raydist import config as C
+from raydist.models.checkpoint import file_sha256
 
 COLUMNS = {"clean": "Clean", "fgsm": "FGSM", "pgd10": "PGD-10", "pgd20": "PGD-20", "pgd50": "PGD-50",
            "cw20": "C&W", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab-t": "FAB-T",
@@ -106,21 +107,24 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
     data = check_inputs(checkpoints, attacks, out, resume=resume, overwrite=overwrite)
     if precision not in PRECISIONS:
         raise C.ConfigError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    settings = {"seed": seed, "precision": precision}
-    if resume:
-        _check_resume_settings(out, settings)
     if data_root is not None:
         data["root"] = data_root
     paths = [str(Path(p).resolve()) for p in checkpoints]
     n_test = len(load_dataset(data["dataset"], **{k: v for k, v in data.items() if k != "dataset"}).test_y)
     n = n_test if samples is None else min(samples, n_test)
+    sweep = sorted(eps_sweep or [])
+    settings = {"seed": seed, "precision": precision, "epsilon": eps, "eps_sweep": sweep, "attacks": list(attacks),
+                "budgets": dict(attack_kwargs or {}), "samples": n, "shard_size": shard_size,
+                "batch_size": batch_size, "dataset": data["dataset"],
+                "checkpoints": [{"index": i, "path": p, "sha256": file_sha256(p)} for i, p in enumerate(paths)]}
+    if resume:
+        _check_resume_settings(out, settings)
     ensure_ray()
     if overwrite and out.exists():
         shutil.rmtree(out)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    (parts / SETTINGS).write_text(json.dumps(settings) + "\n")
-    sweep = sorted(eps_sweep or [])
+    (parts / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
     todo = deque(t for t in _tasks(len(paths), attacks, eps, sweep, n, shard_size)
                  if not (parts / _part_name(t)).exists())
     every = _tasks(len(paths), attacks, eps, sweep, n, shard_size)
@@ -176,28 +180,109 @@ def run_evaluation(checkpoints: list[str], attacks: list[str], eps: float, out_d
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    return summarize(out, paths, attacks, eps, sweep, precision)
+    return summarize(out, paths, attacks, eps, sweep, precision, settings=settings)
+
+
+_FLAGS = {"seed": "--seed", "precision": "--precision", "epsilon": "--eps", "eps_sweep": "--eps-sweep",
+          "attacks": "--attacks", "budgets": "the attack budgets", "samples": "--samples",
+          "shard_size": "--shard-size", "batch_size": "--batch-size", "dataset": "the dataset"}
 
 
 def _check_resume_settings(out: Path, settings: dict[str, Any]) -> None:
-    """A resumed evaluation must draw its remaining shards as the first part drew the rest."""
+    """A resumed evaluation must be the one that was interrupted: every setting that changes a number (seeds,
+    precision, eps, the eps sweep, attacks and their budgets, samples, shard and batch size, the data) and the
+    content of every checkpoint index. A difference is one line naming it."""
     path = out / "parts" / SETTINGS
-    if not path.is_file():  # made before settings were recorded: fp32, whatever seed was given
-        return
-    before = json.loads(path.read_text())
+    if not path.is_file():
+        raise C.ConfigError(f"--resume: {out} records no settings ({path} is missing), so it cannot be checked "
+                            "that its parts match; --overwrite evaluates again")
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        raise C.ConfigError(f"--resume: {path} is not valid JSON; --overwrite evaluates again") from None
     for key, value in settings.items():
-        if key in before and before[key] != value:
-            raise C.ConfigError(f"--resume: {out} was evaluated with --{key} {before[key]}, not {value}")
+        if key == "checkpoints":
+            continue
+        flag = _FLAGS.get(key, key)
+        if key not in before:
+            raise C.ConfigError(f"--resume: {out} does not record {flag} (made by an older raydist), so it cannot "
+                                "be checked that its parts match; --overwrite evaluates again")
+        if before[key] != value:
+            raise C.ConfigError(f"--resume: {out} was evaluated with {flag} {_show(key, before[key])}, "
+                                f"not {_show(key, value)}")
+    was = before.get("checkpoints")
+    now = settings["checkpoints"]
+    if not isinstance(was, list):
+        raise C.ConfigError(f"--resume: {out} does not record its checkpoints' sha256 (made by an older raydist); "
+                            "--overwrite evaluates again")
+    if len(was) != len(now):
+        raise C.ConfigError(f"--resume: {out} was evaluated on {len(was)} checkpoint(s), not {len(now)}")
+    for a, b in zip(was, now):
+        if a.get("sha256") != b["sha256"]:
+            raise C.ConfigError(f"--resume: checkpoint {b['index']} ({b['path']}, sha256 {b['sha256'][:12]}) is not "
+                                f"the one evaluated there ({a.get('path')}, sha256 {str(a.get('sha256'))[:12]})")
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "epsilon":
+        return _eps_tag(value).replace("-", "/")
+    if key == "eps_sweep":
+        return ",".join(_eps_tag(e).replace("-", "/") for e in value) or "(none)"
+    if key == "attacks":
+        return ",".join(value)
+    if key == "budgets":
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+class EvaluationError(RuntimeError):
+    """Parts that do not add up to the evaluation asked for, or an attack that left its threat model."""
+
+
+def _check_coverage(df, settings: dict[str, Any]) -> None:
+    """Each (checkpoint, attack, eps) of the evaluation holds every requested sample exactly once."""
+    import numpy as np
+
+    n = settings["samples"]
+    want = np.arange(n)
+    jobs = {(c, a, e) for c, a, e, _, _ in _tasks(len(settings["checkpoints"]), settings["attacks"],
+                                                   settings["epsilon"], settings["eps_sweep"], n,
+                                                   settings["shard_size"])}
+    groups = {k: g.to_numpy() for k, g in df.groupby(["checkpoint", "attack", "eps"])["index"]}
+    for key in sorted(groups, key=str):
+        if key not in jobs:
+            raise EvaluationError(f"the parts hold checkpoint {key[0]} under {key[1]} at eps {key[2]:.6g}, which "
+                                  "this evaluation did not ask for")
+    for c, a, e in sorted(jobs, key=str):
+        got = np.sort(groups.get((c, a, e), np.array([], dtype=int)))
+        if len(got) != n or not (got == want).all():
+            dup = int((np.diff(got) == 0).sum()) if len(got) else 0
+            missing = len(np.setdiff1d(want, got))
+            raise EvaluationError(f"checkpoint {c} under {a} at eps {_eps_tag(e).replace('-', '/')}: the parts hold "
+                                  f"{len(got)} results for {n} samples ({dup} counted twice, {missing} missing); "
+                                  "refusing to count them")
 
 
 def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep: list[float],
-              precision: str = "fp32") -> dict[str, Any]:
-    """Merge the parts into samples.parquet and write report.md, report.json and eps_curve.png."""
+              precision: str = "fp32", *, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the parts into samples.parquet and write report.md, report.json and eps_curve.png. With
+    ``settings`` (those of parts/settings.json), only the evaluation's own parts are read, and each (checkpoint,
+    attack, eps) must hold every requested sample exactly once."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(sorted((out / "parts").glob("*.parquet")))
-    pq.write_table(table, out / "samples.parquet")
+    if settings is None:
+        files = sorted((out / "parts").glob("*.parquet"))
+    else:
+        files = [out / "parts" / _part_name(t) for t in _tasks(len(paths), attacks, eps, sweep,
+                                                                settings["samples"], settings["shard_size"])]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise EvaluationError(f"{len(absent)} part(s) missing in {out / 'parts'}, e.g. {absent[0]}")
+    table = pq.read_table(files)
     df = table.to_pandas()
+    if settings is not None:
+        _check_coverage(df, settings)
+    pq.write_table(table, out / "samples.parquet")
     rows = []
     for c, path in enumerate(paths):
         mine = df[(df.checkpoint == c) & (abs(df.eps - eps) < 1e-12)]
@@ -208,7 +293,8 @@ def summarize(out: Path, paths: list[str], attacks: list[str], eps: float, sweep
             if len(sub):
                 curve[e] = float(sub.robust.mean())
         clean = float((mine.clean_pred == mine.label).mean()) if len(mine) else math.nan
-        rows.append({"checkpoint": path, "n": int(mine.groupby("attack").size().max()) if len(mine) else 0,
+        sha = settings["checkpoints"][c]["sha256"] if settings else file_sha256(path)
+        rows.append({"checkpoint": path, "sha256": sha, "n": int(mine.groupby("attack").size().max()) if len(mine) else 0,
                      "clean": clean, "accuracy": acc,
                      "eps_curve": [{"eps": e, "attack": SWEEP_ATTACK, "accuracy": v} for e, v in curve.items()],
                      "flags": sanity_flags(clean, acc, curve)})

@@ -21,13 +21,24 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "model_spec_for", "read_checkpoint", "save_checkpoint",
-           "unwrap_model"]
+__all__ = ["FORMAT", "CheckpointError", "file_sha256", "load_checkpoint", "model_spec_for", "read_checkpoint",
+           "save_checkpoint", "unwrap_model"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, a directory, empty, truncated, not a raydist checkpoint, or one
     whose unpickling would run code. The message is one line naming the file."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex): what reports name a checkpoint's weights by."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
