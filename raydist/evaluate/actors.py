@@ -59,22 +59,26 @@ class EvalWorker:
         self.channels_last = self.device.type == "cuda"  # faster convolutions on CUDA; same numbers
         setup_device(self.device)  # cuDNN autotuning: every batch but a shard's last has the same shape
 
-    def _model(self, path: str) -> torch.nn.Module:
-        if path not in self.models:
-            from raydist.models import load_checkpoint
+    def _model(self, source: str | dict[str, Any]) -> torch.nn.Module:
+        import json
 
-            model, _ = load_checkpoint(path, device=str(self.device))
-            if self.channels_last:
+        key = source if isinstance(source, str) else json.dumps(source, sort_keys=True)
+        if key not in self.models:
+            from raydist.evaluate.sources import build
+
+            model = build(source, self.device)
+            kind = "raydist" if isinstance(source, str) else source["kind"]
+            if self.channels_last and kind in ("raydist", "weights"):
                 model = model.to(memory_format=torch.channels_last)
-            self.models[path] = model.eval()
-        return self.models[path]
+            self.models[key] = model
+        return self.models[key]
 
-    def evaluate(self, path: str, attack: str, start: int, end: int, eps: float, batch_size: int,
+    def evaluate(self, path: str | dict[str, Any], attack: str, start: int, end: int, eps: float, batch_size: int,
                  seed: int, attack_kwargs: dict[str, Any] | None = None,
                  precision: str = "fp32") -> dict[str, np.ndarray]:
         """Per-sample outcomes of ``attack`` on test images [start, end). ``precision`` is the attack's own
         forward passes (bf16 autocast when asked); whether a point is still classified right is always
-        judged in fp32."""
+        judged in fp32. ``path``: a raydist checkpoint, or a model source (see raydist.evaluate.sources)."""
         from raydist.attacks import run_attack
 
         model = self._model(path)

@@ -21,7 +21,7 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "CheckpointError", "file_sha256", "load_checkpoint", "model_spec_for", "read_checkpoint",
+__all__ = ["FORMAT", "CheckpointError", "file_sha256", "reference_state_dict", "load_checkpoint", "model_spec_for", "read_checkpoint",
            "save_checkpoint", "unwrap_model"]
 
 
@@ -167,3 +167,65 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not match its model spec: {first}") from e
     return model.to(device).eval(), ckpt
+
+
+# Key prefixes of weights saved elsewhere: DDP, torch.compile, and wrappers that hold the network as `model`
+_FOREIGN_PREFIXES = ("module.", "_orig_mod.", "model.")
+# How the reference repositories name what raydist's registered models call otherwise, per registry name prefix:
+# (regex, replacement); a replacement of None drops the key.
+REFERENCE_LAYOUTS: dict[str, list[tuple[str, str | None]]] = {
+    # kuangliu/pytorch-cifar's ResNet-18 as FGSM-SDI and Fast-AT use it: the classifier is `linear`
+    "resnet": [(r"^linear\.", "fc.")],
+    # Fast-AT's / FGSM-SDI's PreActResNet-18: the projection shortcut is nn.Sequential(conv)
+    "preact_resnet": [(r"\.shortcut\.0\.", ".shortcut.")],
+    # TRADES' (and RobustBench's) WideResNet: NetworkBlock.layer, convShortcut, the final bn1, and TRADES' unused
+    # sub_block1 (built, never called in forward)
+    "wide_resnet": [(r"^sub_block1\..*", None), (r"^(block\d)\.layer\.", r"\1."), (r"\.convShortcut\.", ".shortcut."),
+                    (r"^bn1\.", "bn.")],
+}
+
+
+def reference_state_dict(path: str | os.PathLike, model_name: str) -> dict[str, torch.Tensor]:
+    """The weights of a state-dict file saved by other code, renamed for ``model_name`` (a registered model):
+    read with ``weights_only=True`` (tensors and plain data only); ``{"state_dict": ...}`` / ``{"model": ...}``
+    unwrapped; ``module.``, ``_orig_mod.`` and ``model.`` prefixes stripped; the reference repositories' layouts
+    (REFERENCE_LAYOUTS) mapped. A CheckpointError names the file when it cannot be read."""
+    import re
+
+    from raydist.models.pretrained import _extract_state_dict
+
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        raise CheckpointError(f"--weights {path}: " + ("is a directory" if path.is_dir() else "not found"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        bad = _unsafe_global(err)
+        raise CheckpointError(f"refused to load {path}: " + (f"reading it would import {bad} (loading it could run "
+                              "code); save the state_dict alone" if bad else "not a PyTorch file, or corrupted"))
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
+        raise CheckpointError(f"cannot read {path}: not a PyTorch file, or corrupted ({type(err).__name__})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj.get("state_dict")
+    try:
+        state = _extract_state_dict(obj, path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    rules = next((r for prefix, r in sorted(REFERENCE_LAYOUTS.items(), key=lambda kv: -len(kv[0]))
+                  if model_name.startswith(prefix)), [])
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _FOREIGN_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        for pattern, repl in rules:
+            if re.search(pattern, key):
+                key = None if repl is None else re.sub(pattern, repl, key)
+                if key is None:
+                    break
+        if key is not None:
+            out[key] = value
+    return out
