@@ -55,6 +55,23 @@ def label(source: dict[str, Any] | str) -> str:
     return source.get("path") or source["function"]
 
 
+class FixedMode(nn.Module):
+    """An exported or TorchScript model: its train/eval behaviour was fixed when it was saved (an exported
+    module refuses .train() and .eval()), so the attacks' eval()/train() calls stop here."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.training = False
+
+    def train(self, mode: bool = True) -> FixedMode:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def _normalized(model: nn.Module, source: dict[str, Any]) -> nn.Module:
     mean, std = source.get("mean"), source.get("std")
     if mean is None and std is None:
@@ -111,12 +128,7 @@ def build(source: dict[str, Any] | str, device: str | torch.device = "cpu") -> n
             model = torch.export.load(source["path"]).module()
         else:
             model = torch.jit.load(source["path"], map_location="cpu")
-        model = _normalized(model, source).to(device)
-        try:
-            model.eval()
-        except NotImplementedError:  # an exported module's train/eval is fixed at export time
-            pass
-        return model
+        return FixedMode(_normalized(model, source).to(device))
     raise ValueError(f"unknown model source kind {kind!r}")
 
 
