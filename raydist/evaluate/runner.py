@@ -32,7 +32,12 @@ def _eps_tag(eps: float) -> str:
 
 
 def _column_order(attack: str) -> int:
+    import re
+
     names = list(COLUMNS)
+    m = re.fullmatch(r"(pgd|cw)[0-9]+(?:x[0-9]+)?", attack)
+    if attack not in names and m:  # any pgdN / pgdNxR next to PGD-50, any cwN next to C&W
+        attack = "pgd50" if m.group(1) == "pgd" else "cw20"
     return names.index(attack) if attack in names else len(names)
 
 
