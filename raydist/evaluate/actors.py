@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 # float slack when checking an adversarial batch against its threat model (pixels are multiples of 1/255)
 BOUND_TOLERANCE = 1e-5
 

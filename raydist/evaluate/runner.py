@@ -437,8 +437,8 @@ def robustbench_result(report: dict[str, Any], row: dict[str, Any], architecture
         "threat_model": report.get("threat_model", "Linf"),
         "unreliable": False, "footnote": (
             "" if "aa" in row["accuracy"] else
-            "robust accuracy is the per-sample worst case over " + ", ".join(a for a in report["attacks"] if a != "clean")
-            + ", not the standard AutoAttack"),
+            "robust accuracy is the per-sample worst case over "
+            + ", ".join(a for a in report["attacks"] if a != "clean") + ", not the standard AutoAttack"),
         "raydist": {"sha256": row.get("sha256"), "samples": row["n"], "budgets": report["budgets"]},
     }
 

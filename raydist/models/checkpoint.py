@@ -21,8 +21,8 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "CheckpointError", "file_sha256", "reference_state_dict", "load_checkpoint", "model_spec_for", "read_checkpoint",
-           "save_checkpoint", "unwrap_model"]
+__all__ = ["FORMAT", "CheckpointError", "file_sha256", "load_checkpoint", "model_spec_for", "read_checkpoint",
+           "reference_state_dict", "save_checkpoint", "unwrap_model"]
 
 
 class CheckpointError(ValueError):
@@ -202,7 +202,7 @@ def reference_state_dict(path: str | os.PathLike, model_name: str) -> dict[str, 
     except pickle.UnpicklingError as err:
         bad = _unsafe_global(err)
         raise CheckpointError(f"refused to load {path}: " + (f"reading it would import {bad} (loading it could run "
-                              "code); save the state_dict alone" if bad else "not a PyTorch file, or corrupted"))
+                              "code); save the state_dict alone" if bad else "not a PyTorch file, or corrupted")) from None
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
         raise CheckpointError(f"cannot read {path}: not a PyTorch file, or corrupted ({type(err).__name__})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:

@@ -27,8 +27,7 @@ from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
-from raydist.models.checkpoint import file_sha256
-from raydist.models.checkpoint import read_checkpoint
+from raydist.models.checkpoint import file_sha256, read_checkpoint
 from raydist.train import artifacts, ray_checkpoint
 from raydist.train.schedules import build_schedulers
 from raydist.train.speed import compile_model, setup_device, use_compile
