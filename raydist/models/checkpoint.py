@@ -201,8 +201,9 @@ def reference_state_dict(path: str | os.PathLike, model_name: str) -> dict[str, 
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         bad = _unsafe_global(err)
-        raise CheckpointError(f"refused to load {path}: " + (f"reading it would import {bad} (loading it could run "
-                              "code); save the state_dict alone" if bad else "not a PyTorch file, or corrupted")) from None
+        why = (f"reading it would import {bad} (loading it could run code); save the state_dict alone" if bad
+               else "not a PyTorch file, or corrupted")
+        raise CheckpointError(f"refused to load {path}: {why}") from None
     except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways
         raise CheckpointError(f"cannot read {path}: not a PyTorch file, or corrupted ({type(err).__name__})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
