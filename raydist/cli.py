@@ -22,6 +22,8 @@ EPILOG = """examples:
   raydist tune jobs/tune_digits.yaml                      # Ray Tune + Optuna sweep, ASHA early stopping
   raydist compare jobs/compare_digits.yaml                # PGD-AT, FGSM-RS, ..., FGSM-SDI in the papers' table
   raydist eval runs/x/best.pt --attacks clean,pgd20,aa     # robust accuracy on a pool of Ray actors
+  raydist eval --model preact_resnet18 --weights model.pth --dataset cifar10 --eps 8/255 \
+      --mean 0.4914,0.4822,0.4465 --std 0.2471,0.2435,0.2616  # a model trained elsewhere
   raydist check jobs/cifar10_pgd_at.yaml                  # validate and print the resolved job
   raydist models                                          # list model names
   raydist docs keys > docs/keys.md                        # the job-file key reference, from the schema
@@ -98,10 +100,27 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="robust accuracy of checkpoints under attacks, on a pool of Ray actors",
                         description="Split the test set into shards and attack them on Ray evaluation actors. Writes "
                                     "OUT/: report.md, report.json, samples.parquet (per sample), eps_curve.png.")
-    ev.add_argument("checkpoints", nargs="+", help="raydist checkpoints (best.pt, last.pt)")
+    ev.add_argument("checkpoints", nargs="*", help="raydist checkpoints (best.pt, last.pt), or one torch.export "
+                                                   "archive (.pt2) or TorchScript file")
     ev.add_argument("--attacks", default="clean,fgsm,pgd10,pgd20,pgd50,cw20",
-                    help="comma-separated: clean, fgsm, pgdN, cw20, apgd-ce, apgd-dlr, apgd-t, fab-t, square, aa "
-                         "(default: %(default)s)")
+                    help="comma-separated: clean, fgsm, pgdN, pgdNxR (R restarts), cw20, apgd-ce, apgd-dlr, apgd-t, "
+                         "fab-t, square, aa (default: %(default)s)")
+    ev.add_argument("--restarts", type=int, default=None, help="random restarts of every pgdN attack (pgdNxR)")
+    byo = ev.add_argument_group("a model trained elsewhere")
+    byo.add_argument("--model", default=None, help="registered architecture of --weights (`raydist models`)")
+    byo.add_argument("--weights", default=None, help="its state dict (module./_orig_mod./model. prefixes and the "
+                                                     "FGSM-SDI, Fast-AT and TRADES layouts are handled)")
+    byo.add_argument("--model-fn", default=None, metavar="PACKAGE.MODULE:FUNCTION",
+                     help="a function returning the nn.Module (imported from the working directory)")
+    byo.add_argument("--model-args", action="append", default=[], metavar="KEY=VALUE",
+                     help="keyword argument of --model-fn (repeatable)")
+    byo.add_argument("--dataset", default=None, help="the test data, e.g. cifar10 (raydist checkpoints know theirs)")
+    byo.add_argument("--num-classes", type=int, default=None, help="checked against the model and the dataset")
+    byo.add_argument("--mean", default=None, help="comma-separated, when the model expects normalised input: "
+                                                  "raydist normalises inside, attacks stay in [0, 1]")
+    byo.add_argument("--std", default=None, help="comma-separated, with --mean")
+    ev.add_argument("--robustbench-json", default=None, metavar="PATH",
+                    help="also write the result in RobustBench's format")
     ev.add_argument("--eps", default=None, help="L-inf radius, e.g. 8/255 (default: the first checkpoint's)")
     ev.add_argument("--eps-sweep", default=None,
                     help="comma-separated radii for the PGD-20 eps curve, e.g. 2/255,8/255")
@@ -240,8 +259,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
         raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if args.restarts is not None:
+        import re
+
+        if args.restarts < 1:
+            raise ConfigError(f"--restarts: must be >= 1, got {args.restarts}")
+        if not any(re.fullmatch(r"pgd[0-9]+", a) for a in attacks):
+            raise ConfigError("--restarts: applies to pgdN attacks, and --attacks has none")
+        attacks = [f"{a}x{args.restarts}" if re.fullmatch(r"pgd[0-9]+", a) else a for a in attacks]
     sweep = [C.parse_fraction(e, "--eps-sweep") for e in args.eps_sweep.split(",")] if args.eps_sweep else []
     eps = C.parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    from raydist.evaluate.sources import foreign_source
+
+    def floats(text: str | None, flag: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(C.parse_fraction(v, flag)) for v in text.split(",")]
+        except ConfigError:
+            raise
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+    source = foreign_source(positional=args.checkpoints, model=args.model, weights=args.weights,
+                            model_fn=args.model_fn, model_args=args.model_args, mean=floats(args.mean, "--mean"),
+                            std=floats(args.std, "--std"), num_classes=args.num_classes, dataset=args.dataset)
+    if source is None and not args.checkpoints:
+        raise ConfigError("give raydist checkpoints, or a model trained elsewhere (--model NAME --weights FILE, "
+                          "--model-fn, or a .pt2 / TorchScript file) with --dataset")
+    if args.robustbench_json and Path(args.robustbench_json).exists() and not args.overwrite:
+        raise ConfigError(f"--robustbench-json {args.robustbench_json} already exists (--overwrite replaces it)")
+    if source is not None:
+        if eps is None:
+            raise ConfigError("--eps: give the radius for a model trained elsewhere, e.g. --eps 8/255")
+        out = Path(args.out) if args.out else (Path(source["path"]).resolve().parent / "eval" if source.get("path")
+                                               else Path("eval").resolve())
+        from raydist.evaluate.runner import run_evaluation
+
+        data = {"dataset": args.dataset, **({"root": args.data_root} if args.data_root else {})}
+        return _failure_exits_1("evaluation", lambda: run_evaluation(
+            [source], attacks, eps, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, batch_size=args.batch_size,
+            samples=args.samples, seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
+            precision=args.precision, data=data, robustbench_json=args.robustbench_json))
     if eps is None:
         from raydist.models.checkpoint import CheckpointError, read_checkpoint
 
@@ -260,7 +320,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoints, attacks, eps, out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, batch_size=args.batch_size,
         samples=args.samples, seed=args.seed, eps_sweep=sweep, resume=args.resume, overwrite=args.overwrite,
-        data_root=args.data_root, precision=args.precision, tracking=args.tracking or True))
+        data_root=args.data_root, precision=args.precision, tracking=args.tracking or True,
+        robustbench_json=args.robustbench_json, data={"dataset": args.dataset} if args.dataset else None))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

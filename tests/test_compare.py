@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -131,6 +132,10 @@ def test_compare_two_methods_then_reuse_and_refuse(tmp_path, capsys):
     assert rs["method"] == "fgsm_rs" and sdi["method"] == "fgsm_sdi"
     assert rs["best"]["n"] == 48 and set(rs["best"]["accuracy"]) == {"clean", "pgd10", "apgd-ce"}
     assert len(rs["val_curve"]) == 1 and rs["train_minutes"] > 0
+    for r in (rs, sdi):  # every row names its weights
+        for which in ("best", "last"):
+            weights = d / "runs" / r["run_dir"].split("/")[-1] / f"{which}.pt"
+            assert r[which]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     # both runs were launched before either finished (2 CPUs, 1 per run, max_concurrent 2)
     assert max(rs["started_at"], sdi["started_at"]) < min(rs["finished_at"], sdi["finished_at"])
 

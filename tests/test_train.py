@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -40,6 +41,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     for which in ("best", "last"):
         acc = summary[which]["accuracy"]
         assert 0 <= acc["pgd10"] <= acc["clean"] <= 1
+        assert summary[which]["sha256"] == hashlib.sha256((run_dir / f"{which}.pt").read_bytes()).hexdigest()
     assert "PGD-10" in out and "best" in out and "last" in out  # the printed table
     assert "ETA" in out  # the per-epoch progress line
 

@@ -3,7 +3,8 @@
 ``ATTACKS`` maps the names the evaluator and the job files use to callables
 ``fn(model, x, y, eps, seed=None, **budget) -> x_adv``; PGD uses step size eps/4 (2/255 at 8/255)
 with a random start, the standard CIFAR evaluation setting.  ``run_attack`` also accepts
-``pgdN`` and ``cwN`` for any N (e.g. a cheap ``pgd3`` for per-epoch validation).  The strong
+``pgdN`` and ``cwN`` for any N (e.g. a cheap ``pgd3`` for per-epoch validation), and ``pgdNxR``: N steps with R
+random restarts, each sample keeping its worst (``pgd50x10``).  The strong
 attacks default to their papers' budgets (``cw20``; ``apgd-ce``/``apgd-dlr`` 100 iterations;
 ``apgd-t`` 9 targets x 100; ``fab-t`` 9 targets x 100; ``square`` 5000 queries; ``aa`` all of
 APGD-CE, APGD-T, FAB-T and Square); keyword arguments to ``run_attack`` reach the underlying
@@ -40,14 +41,18 @@ def _fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int | None =
     return fgsm(model, x, y, eps, seed=seed, **kw)
 
 
-def _pgd_with(steps: int) -> AttackFn:
+def _pgd_with(steps: int, restarts: int | None = None) -> AttackFn:
     def attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int | None = None, **kw: Any) -> Tensor:
         alpha = kw.pop("alpha", eps / 4)
         kw.setdefault("random_start", True)
+        if restarts is not None:
+            kw["restarts"] = restarts
         return pgd(model, x, y, eps, alpha, steps, seed=seed, **kw)
 
-    attack.__name__ = f"pgd{steps}"
-    attack.__doc__ = f"PGD (L∞ unless norm='l2'), {steps} steps of eps/4 from a random start; kw go to pgd."
+    attack.__name__ = f"pgd{steps}" + (f"x{restarts}" if restarts else "")
+    attack.__doc__ = (f"PGD (L∞ unless norm='l2'), {steps} steps of eps/4 from a random start"
+                      + (f", {restarts} restarts (each sample keeps its worst)" if restarts else "")
+                      + "; kw go to pgd.")
     return attack
 
 
@@ -94,7 +99,11 @@ def get_attack(name: str) -> AttackFn:
     match = re.fullmatch(r"(pgd|cw)([1-9][0-9]*)", name)
     if match:
         return (_pgd_with if match.group(1) == "pgd" else _cw_with)(int(match.group(2)))
-    raise ValueError(f"unknown attack '{name}'; available: {', '.join(ATTACKS)} (or pgdN / cwN for N steps)")
+    match = re.fullmatch(r"pgd([1-9][0-9]*)x([1-9][0-9]*)", name)
+    if match:
+        return _pgd_with(int(match.group(1)), int(match.group(2)))
+    raise ValueError(f"unknown attack '{name}'; available: {', '.join(ATTACKS)} (or pgdN / cwN for N steps, "
+                     "pgdNxR for R restarts)")
 
 
 def run_attack(

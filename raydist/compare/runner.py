@@ -348,6 +348,7 @@ def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: i
     the weights are the same and are evaluated once.
     """
     from raydist.evaluate.runner import run_evaluation
+    from raydist.models.checkpoint import file_sha256
 
     ev = spec["eval"]
     merged = {r["slug"]: {which: {"checkpoint": str(run_dir_of(r["job"]) / name), "n": 0, "clean": math.nan,
@@ -402,6 +403,7 @@ def evaluate_all(spec: dict[str, Any], runs: list[dict[str, Any]], *, workers: i
     for m in merged.values():
         for res in m.values():
             res["epoch"] = _checkpoint_epoch(res["checkpoint"])
+            res["sha256"] = file_sha256(res["checkpoint"])  # the weights the row is of
     return merged
 
 

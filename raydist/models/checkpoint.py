@@ -22,13 +22,25 @@ FORMAT = "raydist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SPEC_KEYS = ("name", "num_classes", "activation", "in_channels", "input_size", "mean", "std", "kwargs")
 
-__all__ = ["FORMAT", "CheckpointError", "check_fits", "fit_problems", "load_checkpoint", "load_weights_only",
-           "model_spec_for", "read_checkpoint", "save_checkpoint", "unwrap_model"]
+__all__ = ["FORMAT", "CheckpointError", "check_fits", "file_sha256", "fit_problems", "load_checkpoint",
+           "load_weights_only", "model_spec_for", "read_checkpoint", "reference_state_dict", "save_checkpoint",
+           "unwrap_model"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, a directory, empty, truncated, not a raydist checkpoint, or one
     whose unpickling would run code. The message is one line naming the file."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex): what reports name a checkpoint's weights by."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -208,3 +220,56 @@ def check_fits(ckpt: dict, path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit its model ({spec['name']}, "
                               f"{spec['activation']}): {problem}")
 
+
+# Key prefixes of weights saved elsewhere: DDP, torch.compile, and wrappers that hold the network as `model`
+_FOREIGN_PREFIXES = ("module.", "_orig_mod.", "model.")
+# How the reference repositories name what raydist's registered models call otherwise, per registry name prefix:
+# (regex, replacement); a replacement of None drops the key.
+REFERENCE_LAYOUTS: dict[str, list[tuple[str, str | None]]] = {
+    # kuangliu/pytorch-cifar's ResNet-18 as FGSM-SDI and Fast-AT use it: the classifier is `linear`
+    "resnet": [(r"^linear\.", "fc.")],
+    # Fast-AT's / FGSM-SDI's PreActResNet-18: the projection shortcut is nn.Sequential(conv)
+    "preact_resnet": [(r"\.shortcut\.0\.", ".shortcut.")],
+    # TRADES' (and RobustBench's) WideResNet: NetworkBlock.layer, convShortcut, the final bn1, and TRADES' unused
+    # sub_block1 (built, never called in forward)
+    "wide_resnet": [(r"^sub_block1\..*", None), (r"^(block\d)\.layer\.", r"\1."), (r"\.convShortcut\.", ".shortcut."),
+                    (r"^bn1\.", "bn.")],
+}
+
+
+def reference_state_dict(path: str | os.PathLike, model_name: str, *,
+                         data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a state-dict file saved by other code, renamed for ``model_name`` (a registered model):
+    read with ``weights_only=True`` (tensors and plain data only); ``{"state_dict": ...}`` / ``{"model": ...}``
+    unwrapped; ``module.``, ``_orig_mod.`` and ``model.`` prefixes stripped; the reference repositories' layouts
+    (REFERENCE_LAYOUTS) mapped. A CheckpointError names the file when it cannot be read."""
+    import re
+
+    from raydist.models.pretrained import _extract_state_dict
+
+    path = Path(path)
+    obj = load_weights_only(path, noun="--weights", data=data)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj.get("state_dict")
+    try:
+        state = _extract_state_dict(obj, path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    rules = next((r for prefix, r in sorted(REFERENCE_LAYOUTS.items(), key=lambda kv: -len(kv[0]))
+                  if model_name.startswith(prefix)), [])
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _FOREIGN_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        for pattern, repl in rules:
+            if re.search(pattern, key):
+                key = None if repl is None else re.sub(pattern, repl, key)
+                if key is None:
+                    break
+        if key is not None:
+            out[key] = value
+    return out

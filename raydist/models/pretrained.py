@@ -97,18 +97,23 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    state = read_pretrained(path)
+    return fit_state_dict(model, read_pretrained(path), f"pretrained weights {path}")
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Load ``state`` (prefixes already stripped) into ``model``, whole (``normalize.*``/``net.*`` keys) or into
+    its backbone, strictly; a ValueError starting with ``what`` lists the missing, unexpected and misshapen keys."""
     whole = any(k.startswith(("net.", "normalize.")) for k in state)
     target = model if whole or not hasattr(model, "net") else model.net
     own = target.state_dict()
-    optional = _activation_state_keys(target)
+    optional = _activation_state_keys(target) | {k for k in own if k.endswith("num_batches_tracked")}
     missing = [k for k in own if k not in state and k not in optional]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         raise ValueError(
-            f"pretrained weights {path} do not fit model {_name(model)}: missing {_short(missing)}, "
+            f"{what} do not fit model {_name(model)}: missing {_short(missing)}, "
             f"unexpected {_short(unexpected)}, shape mismatch (file vs model) {_short(mismatched)}"
         )
     target.load_state_dict(state, strict=False)

@@ -28,7 +28,7 @@ from raydist.evaluate import accuracy_under_attacks
 from raydist.methods import create_method
 from raydist.methods.base import fused_optimizer_kwargs
 from raydist.models import create_model, model_spec_for, save_checkpoint
-from raydist.models.checkpoint import read_checkpoint
+from raydist.models.checkpoint import file_sha256, read_checkpoint
 from raydist.track import TrainingTracker
 from raydist.train import artifacts, ray_checkpoint
 from raydist.train.quiet import quiet_loggers
@@ -468,6 +468,9 @@ def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_
         return
     results["last"]["epoch"] = last_epoch
     results["best"]["epoch"] = best_epoch if best_weights is not None else last_epoch
+    for which, name in (("last", LAST), ("best", BEST)):  # the weights each row is of
+        if (run_dir / name).is_file():
+            results[which]["sha256"] = file_sha256(run_dir / name)
     summary = {
         "run": job["run"]["name"], "method": meta["method"], "model": f"{spec['name']} ({spec['activation']})",
         "dataset": meta["dataset"], "epsilon": eps, "epsilon_text": _eps_text(eps), "attacks": attacks,
