@@ -176,10 +176,17 @@ def front_door(tmp_path, monkeypatch, capsys):
     import raydist.train.driver
     import raydist.tune.runner
 
+    started: list[str] = []
+
     def no_ray(*args, **kwargs):
+        started.append("ray")
         raise AssertionError("Ray was started for a file under test")
 
+    # the test session's own Ray may already be up (other tests): what counts is that nothing here starts one
+    was_up = ray.is_initialized()
     monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(raydist.train.driver, "ensure_ray", no_ray)
+    monkeypatch.setattr(raydist.train.driver, "start_local_ray", no_ray)
     monkeypatch.setattr(raydist.train.driver, "run_training", lambda cfg, **kw: {})
     monkeypatch.setattr(raydist.tune.runner, "run_sweep", lambda sweep, **kw: {})
     monkeypatch.setattr(raydist.compare.runner, "run_compare", lambda spec, **kw: {})
@@ -197,7 +204,7 @@ def front_door(tmp_path, monkeypatch, capsys):
             assert err.startswith("raydist: error: ") and err.count("\n") == 1 and len(err) < 4000, err
         else:
             assert err == "", err
-        assert not ray.is_initialized()
+        assert not started and ray.is_initialized() == was_up
         return code, err
 
     return run

@@ -126,10 +126,10 @@ def test_submit_follow_runs_the_job_on_the_cluster(tmp_path, ray_head, capsys, m
     assert "raydist-no-such-job" in capsys.readouterr().err
 
     # the uploaded working directory is complete: the package imports from it (not from this checkout)
-    from ray.job_submission import JobSubmissionClient
+    from raydist.cluster.submit import client as jobs_client
 
     sub = build_submission(JOB, [f"run.output_dir={out}"])
-    client = JobSubmissionClient(ray_head)
+    client = jobs_client(ray_head)  # with the cluster's token, as raydist's own commands send it
     probe = client.submit_job(entrypoint='python -c "import raydist.data, raydist.attacks; print(raydist.__file__)"',
                               runtime_env=sub["runtime_env"])
     deadline = time.time() + 120
@@ -203,7 +203,9 @@ def test_the_token_travels_in_the_authorization_header(tmp_path, monkeypatch):
     try:
         with pytest.raises(S.C.ConfigError, match="cannot reach the Ray Jobs API"):
             S.client(dash.url)  # no token anywhere: refused by the cluster, one line
-        assert dash.seen[-1] is None
+        # (a process that runs a token-authenticated Ray of its own, as this test session may, has Ray's client
+        # add that Ray's token: still not the cluster's)
+        assert dash.seen[-1] != "Bearer sekret"
         (home / ".ray" / "auth_token").write_text("sekret\n")
         S.client(dash.url)  # ~/.ray/auth_token
         assert dash.seen[-1] == "Bearer sekret" and "RAY_AUTH_MODE" not in os.environ

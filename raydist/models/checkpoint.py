@@ -118,6 +118,9 @@ def load_weights_only(path: Path, *, noun: str = "checkpoint", map_location: str
         if bad:
             raise CheckpointError(f"refused to load {path}: reading it would import {bad}, and a raydist {noun} "
                                   "holds only tensors and plain data (loading it could run code)") from None
+        if "weights only load failed" in str(err).lower():  # torch's safe unpickler met an instruction it refuses
+            raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain data "
+                                  "(a pickled object; loading it could run code)") from None
         raise CheckpointError(f"cannot read {noun} {path}: not a PyTorch file, or corrupted") from None
     except Exception as err:  # noqa: BLE001 - the unpickler fails in many ways on a damaged file; all are this
         what = ("truncated or corrupted" if isinstance(err, (RuntimeError, EOFError))
