@@ -90,6 +90,19 @@ def save_checkpoint(
     return write_atomic(path, lambda f: torch.save(payload, f))
 
 
+def _pickles_objects(source: Path | bytes) -> bool:
+    """Whether ``source`` is a plain pickle stream (not torch's zip format) that imports or builds objects: read
+    opcode by opcode with pickletools, which executes nothing."""
+    import pickletools
+
+    raw = source if isinstance(source, bytes) else source.read_bytes()
+    try:
+        return any(op.name in ("GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD")
+                   for op, _, _ in pickletools.genops(raw))
+    except Exception:  # noqa: BLE001 - not a pickle stream at all: damaged or another format
+        return False
+
+
 def _unsafe_global(err: BaseException) -> str | None:
     """The module.name a refused pickle asked to import (torch's weights_only unpickler names it)."""
     import re
@@ -118,7 +131,7 @@ def load_weights_only(path: Path, *, noun: str = "checkpoint", map_location: str
         if bad:
             raise CheckpointError(f"refused to load {path}: reading it would import {bad}, and a raydist {noun} "
                                   "holds only tensors and plain data (loading it could run code)") from None
-        if "weights only load failed" in str(err).lower():  # torch's safe unpickler met an instruction it refuses
+        if _pickles_objects(path if data is None else data):  # a raw pickle that builds objects: refused
             raise CheckpointError(f"refused to load {path}: it holds something other than tensors and plain data "
                                   "(a pickled object; loading it could run code)") from None
         raise CheckpointError(f"cannot read {noun} {path}: not a PyTorch file, or corrupted") from None
