@@ -54,11 +54,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _clean_key(key: str) -> str:
+def _clean_key(key: str, prefixes: tuple[str, ...] = _WRAPPER_PREFIXES) -> str:
+    """``key`` without the wrapper prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``, ...)."""
     stripped = True
     while stripped:
         stripped = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix) :], True
         key = key.replace("._orig_mod.", ".")
@@ -275,12 +276,7 @@ def reference_state_dict(path: str | os.PathLike, model_name: str, *,
                   if model_name.startswith(prefix)), [])
     out = {}
     for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _FOREIGN_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+        key = _clean_key(key, _FOREIGN_PREFIXES)
         for pattern, repl in rules:
             if re.search(pattern, key):
                 key = None if repl is None else re.sub(pattern, repl, key)
