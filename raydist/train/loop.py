@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +256,75 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _train(config, watchdog, tracker)
 
 
+@dataclass
+class _Setup:
+    """What every step of a worker's run works with: its place, its data, its model and how it learns."""
+
+    job: dict[str, Any]
+    run_dir: Path
+    session: Any  # _TrainSession or _TuneTrialSession
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # what trains: compiled and DDP-wrapped where asked
+    base_model: torch.nn.Module  # the plain module: what is evaluated and saved
+    spec: dict[str, Any]
+    meta: dict[str, Any]  # travels with every checkpoint
+    optimizer: torch.optim.Optimizer
+    method: Any
+    schedulers: list
+    epochs: int
+    updates_per_step: int
+    steps_per_epoch: int
+    train: Any
+    val: Any
+    test: Any
+
+
+@dataclass
+class _Progress:
+    """Where the run stands; restored by _resume and written into every last.pt."""
+
+    start_epoch: int = 0
+    # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
+    best_score: tuple = (-1.0, -1.0)
+    best_epoch: int = 0
+    peak_pgd: float = 0.0
+    train_seconds: float = 0.0
+    stopped: bool = False
+    best_weights: dict | None = None
+    history: list = field(default_factory=list)  # metrics.jsonl's rows (rank 0)
+    last_done: int = 0
+    best_holder: str | None = None  # the Ray checkpoint of this group's that holds best.pt
+    images_here: torch.Tensor | None = None  # this worker's own share, read once at the end
+
+
 def _train(config: dict[str, Any], watchdog: Watchdog, tracker: TrainingTracker) -> None:
+    """Set up, resume, then one epoch and its checkpoint at a time, then the final test."""
+    s = _set_up(config)
+    p = _resume(s, config.get("resume"))
+    tracker.start(s.rank, s.job, s.run_dir)
+    if s.rank == 0:
+        p.history = artifacts.read_metrics(s.run_dir)
+    loop_start = time.perf_counter()
+    for epoch in range(p.start_epoch, s.epochs):
+        if p.stopped:
+            break
+        row, improved = _epoch(s, p, epoch, watchdog)
+        checkpoint = _checkpoint(s, p, row, improved, tracker, loop_start) if s.rank == 0 else None
+        s.session.report(row, checkpoint)
+    if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
+        watchdog.beat("final test")
+        workers = _workers(s.rank, s.world, s.device, p.images_here, p.start_epoch + 1)
+        _final_test(s.job, s.run_dir, s.rank, s.base_model, p.best_weights, s.test, p.best_epoch, p.train_seconds,
+                    s.spec, s.meta, p.last_done, workers, watchdog)
+    tracker.finish()
+
+
+def _set_up(config: dict[str, Any]) -> _Setup:
+    """The worker's device and threads, its data, the model (compiled, DDP), optimizer, method and schedules."""
     job = config["job"]
-    run_dir = Path(config["run_dir"])
-    run, data, mcfg, ocfg, ecfg = job["run"], job["data"], job["model"], job["optim"], job["eval"]
+    run, data, mcfg, ocfg = job["run"], job["data"], job["model"], job["optim"]
     in_trial = bool(config.get("tune_trial"))
     session = _TuneTrialSession(config.get("datasets")) if in_trial else _TrainSession()
     rank, world = session.rank, session.world
@@ -290,161 +356,161 @@ def _train(config: dict[str, Any], watchdog: Watchdog, tracker: TrainingTracker)
     groups = _param_groups(base_model, ocfg["weight_decay"])
     optimizer = torch.optim.SGD(groups, lr=ocfg["lr"], momentum=ocfg["momentum"], nesterov=ocfg["nesterov"],
                                 **fused_optimizer_kwargs(torch.optim.SGD, groups))
-    autocast = _autocast(device, run["precision"])
-    method = create_method(job["method"]["name"], model, optimizer, epsilon=eps, autocast=autocast,
+    method = create_method(job["method"]["name"], model, optimizer, epsilon=eps,
+                           autocast=_autocast(device, run["precision"]),
                            label_smoothing=job["method"]["label_smoothing"], smooth_backward=mcfg["smooth_backward"],
                            **method_params(job))
-    train_loader, val_loader, test_loader = feed["train"], feed["val"], feed["test"]
-
     # Free-AT replays each minibatch m times inside one step() and, as in its paper, runs epochs / m epochs;
     # every schedule lands on the fraction of the run it names (train/schedules.py)
     updates_per_step = getattr(method, "updates_per_step", 1)
-    epochs, schedulers = build_schedulers(ocfg, method, optimizer, len(train_loader))
-    steps_per_epoch = len(train_loader) * updates_per_step
+    epochs, schedulers = build_schedulers(ocfg, method, optimizer, len(feed["train"]))
+    # the data section travels with the checkpoint so `raydist eval` finds the same test split
+    meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"], "data": dict(data)}
+    return _Setup(job=job, run_dir=Path(config["run_dir"]), session=session, rank=rank, world=world, device=device,
+                  model=model, base_model=base_model, spec=spec, meta=meta, optimizer=optimizer, method=method,
+                  schedulers=schedulers, epochs=epochs, updates_per_step=updates_per_step,
+                  steps_per_epoch=len(feed["train"]) * updates_per_step,
+                  train=feed["train"], val=feed["val"], test=feed["test"])
 
-    # best.pt: highest validation PGD accuracy (ties: higher clean), or the reverse with eval.select: clean
-    start_epoch, best_score, best_epoch, peak_pgd, train_seconds, stopped = 0, (-1.0, -1.0), 0, 0.0, 0.0, False
-    best_weights = None
-    state, best_ckpt = _load_resume_state(config.get("resume"), session)
+
+def _resume(s: _Setup, resume: str | None) -> _Progress:
+    """Continue from Ray's checkpoint after a worker restart, else from --resume's last.pt, else start afresh;
+    rank 0 rebuilds a lost run directory from the checkpoint and drops metrics rows never checkpointed."""
+    p = _Progress(images_here=torch.zeros((), device=s.device, dtype=torch.float64))
+    state, best_ckpt = _load_resume_state(resume, s.session)
     if state is not None:
         ts = state["train_state"]
-        base_model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(ts["optimizer"])
-        for sched, sd in zip(schedulers, ts["schedulers"]):
+        s.base_model.load_state_dict(state["state_dict"])
+        s.optimizer.load_state_dict(ts["optimizer"])
+        for sched, sd in zip(s.schedulers, ts["schedulers"]):
             sched.load_state_dict(sd)
-        method.load_state_dict(ts["method"])
-        start_epoch, best_score, best_epoch = ts["epoch"], tuple(ts["best_score"]), ts["best_epoch"]
-        for sched in schedulers:
+        s.method.load_state_dict(ts["method"])
+        p.start_epoch, p.best_score, p.best_epoch = ts["epoch"], tuple(ts["best_score"]), ts["best_epoch"]
+        for sched in s.schedulers:
             # the schedule's place is the epoch boundary it stopped at: with another number of workers (an elastic
             # run that shrank or grew) an epoch has another number of steps, and the saved step count would land
             # the lr elsewhere on the schedule
-            sched.last_epoch = start_epoch * steps_per_epoch
-        peak_pgd = ts["peak_pgd"]
-        train_seconds, stopped = ts["train_seconds"], ts["stopped"]
+            sched.last_epoch = p.start_epoch * s.steps_per_epoch
+        p.peak_pgd = ts["peak_pgd"]
+        p.train_seconds, p.stopped = ts["train_seconds"], ts["stopped"]
         if best_ckpt is not None:
-            best_weights = best_ckpt["state_dict"]
-        if rank == 0:
+            p.best_weights = best_ckpt["state_dict"]
+        if s.rank == 0:
             # a run directory lost while Ray's storage kept the checkpoint: rebuild it from the checkpoint
             for name, ckpt in ((LAST, state), (BEST, best_ckpt)):
-                if ckpt is not None and not (run_dir / name).exists():
-                    write_atomic(run_dir / name, lambda f, c=ckpt: torch.save(c, f))
-            if not artifacts.read_metrics(run_dir):
+                if ckpt is not None and not (s.run_dir / name).exists():
+                    write_atomic(s.run_dir / name, lambda f, c=ckpt: torch.save(c, f))
+            if not artifacts.read_metrics(s.run_dir):
                 for row in ts.get("history", []):
-                    artifacts.append_metrics(run_dir, row)
-            _say(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
+                    artifacts.append_metrics(s.run_dir, row)
+            _say(f"resuming {s.run_dir.name} after epoch {p.start_epoch}/{s.epochs}")
+    if s.rank == 0:  # drop rows of an epoch that a failed attempt recorded but never checkpointed
+        artifacts.truncate_metrics(s.run_dir, p.start_epoch)
+    p.last_done = p.start_epoch
+    return p
 
-    if rank == 0:  # drop rows of an epoch that a failed attempt recorded but never checkpointed
-        artifacts.truncate_metrics(run_dir, start_epoch)
-    tracker.start(rank, job, run_dir)
-    # the data section travels with the checkpoint so `raydist eval` finds the same test split
-    meta = {"epsilon": eps, "method": job["method"]["name"], "dataset": data["dataset"], "data": dict(data)}
-    history = artifacts.read_metrics(run_dir) if rank == 0 else []
+
+def _epoch(s: _Setup, p: _Progress, epoch: int, watchdog: Watchdog) -> tuple[dict[str, Any], bool]:
+    """Train one epoch on this worker's shard, validate (clean and PGD, all-reduced), keep the best weights and
+    apply the early-stop guard; returns the epoch's metrics row and whether it is the best so far."""
+    ecfg, seed, eps = s.job["eval"], s.job["run"]["seed"], s.job["method"]["epsilon"]
+    device, epochs = s.device, s.epochs
+    torch.manual_seed(_epoch_seed(seed, epoch, s.rank))
+    s.train.set_epoch(epoch)
+    s.model.train()
+    sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
+            "n": torch.zeros((), device=device)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for x, y in watchdog.beating(s.train, f"epoch {epoch + 1}/{epochs}, training step"):
+        loss, logits = s.method.step(x, y)
+        for _ in range(s.updates_per_step):
+            for sched in s.schedulers:
+                sched.step()
+        sums["loss"] += loss.float() * y.shape[0]
+        sums["correct"] += (logits.argmax(1) == y).sum()
+        sums["n"] += y.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    epoch_seconds = time.perf_counter() - t0
+    p.train_seconds += epoch_seconds
+    p.images_here += sums["n"]
+    tr = _all_reduce(sums)
     val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
-    loop_start = time.perf_counter()
-    images_here = torch.zeros((), device=device, dtype=torch.float64)  # this worker's own share, read once at the end
-    last_done = start_epoch
-    best_holder: str | None = None  # the Ray checkpoint of this group's that holds best.pt
-    for epoch in range(start_epoch, epochs):
-        if stopped:
-            break
-        torch.manual_seed(_epoch_seed(seed, epoch, rank))
-        train_loader.set_epoch(epoch)
-        model.train()
-        sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
-                "n": torch.zeros((), device=device)}
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for x, y in watchdog.beating(train_loader, f"epoch {epoch + 1}/{epochs}, training step"):
-            loss, logits = method.step(x, y)
-            for _ in range(updates_per_step):
-                for sched in schedulers:
-                    sched.step()
-            sums["loss"] += loss.float() * y.shape[0]
-            sums["correct"] += (logits.argmax(1) == y).sum()
-            sums["n"] += y.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
-        images_here += sums["n"]
-        tr = _all_reduce(sums)
-        batches = watchdog.beating(val_loader, f"epoch {epoch + 1}/{epochs}, validation batch")
-        val = _all_reduce(accuracy_under_attacks(base_model, batches, val_attacks, eps, seed=seed + epoch))
-        watchdog.beat(f"epoch {epoch + 1}/{epochs}, checkpoint and report")
-        if not math.isfinite(tr["loss"]):
-            raise FloatingPointError(f"training loss is {tr['loss']} at epoch {epoch + 1}: the run diverged")
+    batches = watchdog.beating(s.val, f"epoch {epoch + 1}/{epochs}, validation batch")
+    val = _all_reduce(accuracy_under_attacks(s.base_model, batches, val_attacks, eps, seed=seed + epoch))
+    watchdog.beat(f"epoch {epoch + 1}/{epochs}, checkpoint and report")
+    if not math.isfinite(tr["loss"]):
+        raise FloatingPointError(f"training loss is {tr['loss']} at epoch {epoch + 1}: the run diverged")
 
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": tr["loss"] / tr["n"],
-            "train_acc": tr["correct"] / tr["n"],
-            "val_clean_acc": val["clean"] / val["n"],
-            "val_pgd_acc": val[val_attacks[1]] / val["n"],
-            "val_steps": ecfg["val_steps"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_sec": tr["n"] / max(epoch_seconds, 1e-9),
-            "epoch_seconds": epoch_seconds,
-            "elapsed": train_seconds,
-            "workers": world,  # an elastic run's size can change between epochs
-        }
-        score = (row["val_pgd_acc"], row["val_clean_acc"])
-        if ecfg["select"] == "clean":
-            score = score[::-1]
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch = score, epoch + 1
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in base_model.state_dict().items()}
-        peak_pgd = max(peak_pgd, row["val_pgd_acc"])
-        if ecfg["guard_drop"] is not None and peak_pgd - row["val_pgd_acc"] > ecfg["guard_drop"]:
-            stopped = True
-        row.update(best_epoch=best_epoch, stopped=stopped)
-        last_done = epoch + 1
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": tr["loss"] / tr["n"],
+        "train_acc": tr["correct"] / tr["n"],
+        "val_clean_acc": val["clean"] / val["n"],
+        "val_pgd_acc": val[val_attacks[1]] / val["n"],
+        "val_steps": ecfg["val_steps"],
+        "lr": s.optimizer.param_groups[0]["lr"],
+        "images_per_sec": tr["n"] / max(epoch_seconds, 1e-9),
+        "epoch_seconds": epoch_seconds,
+        "elapsed": p.train_seconds,
+        "workers": s.world,  # an elastic run's size can change between epochs
+    }
+    score = (row["val_pgd_acc"], row["val_clean_acc"])
+    if ecfg["select"] == "clean":
+        score = score[::-1]
+    improved = score > p.best_score
+    if improved:
+        p.best_score, p.best_epoch = score, epoch + 1
+        p.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in s.base_model.state_dict().items()}
+    p.peak_pgd = max(p.peak_pgd, row["val_pgd_acc"])
+    if ecfg["guard_drop"] is not None and p.peak_pgd - row["val_pgd_acc"] > ecfg["guard_drop"]:
+        p.stopped = True
+    row.update(best_epoch=p.best_epoch, stopped=p.stopped)
+    p.last_done = epoch + 1
+    return row, improved
 
-        checkpoint = None
-        if rank == 0:
-            t_ckpt = time.perf_counter()
-            train_state = {
-                "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                "schedulers": [s.state_dict() for s in schedulers], "method": method.state_dict(),
-                "best_score": list(best_score), "best_epoch": best_epoch, "peak_pgd": peak_pgd,
-                "train_seconds": train_seconds,
-                "stopped": stopped, "torch_rng": torch.get_rng_state(),
-                "history": [*history, row],  # metrics.jsonl's rows, to rebuild a lost run directory
-            }
-            save_checkpoint(run_dir / LAST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
-                            train_state=train_state, **meta)
-            if improved:
-                save_checkpoint(run_dir / BEST, base_model, model_spec=spec, epoch=epoch + 1, metrics=row,
-                                method_state=method.state_dict(), **meta)
-            row["checkpoint_seconds"] = time.perf_counter() - t_ckpt  # what training waits for at the epoch's end
-            artifacts.append_metrics(run_dir, row)
-            tracker.epoch(row)
-            history.append(row)
-            artifacts.plot_curves(run_dir, history, title=f"{run['name']}: {job['method']['name']}, "
-                                                          f"{mcfg['name']} ({mcfg['activation']})")
-            # best.pt travels in an epoch's Ray checkpoint when it changed, and in the first one a (re)started
-            # group reports (an earlier run's checkpoints may be gone)
-            with_best = (run_dir / BEST).exists() and (improved or best_holder is None)
-            if with_best:
-                best_holder = ray_checkpoint.dir_name(epoch + 1)
-            checkpoint = {"run_dir": run_dir, "epoch": epoch + 1, "with_best": with_best, "best_in": best_holder}
-            if run["progress"]:
-                per_epoch = (time.perf_counter() - loop_start) / (epoch + 1 - start_epoch)  # validation included
-                remaining = 0 if stopped else (epochs - epoch - 1) * per_epoch
-                _say(_progress_line(row, epochs, remaining))
-                if stopped:
-                    _say(f"validation PGD accuracy fell {100 * (peak_pgd - row['val_pgd_acc']):.1f} points below "
-                         f"its peak of {100 * peak_pgd:.1f}%: stopping (eval.guard_drop); "
-                         f"best.pt is epoch {best_epoch}")
-        session.report(row, checkpoint)
 
-    if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
-        watchdog.beat("final test")
-        workers = _workers(rank, world, device, images_here, start_epoch + 1)
-        _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                    meta, last_done, workers, watchdog)
-    tracker.finish()
+def _checkpoint(s: _Setup, p: _Progress, row: dict[str, Any], improved: bool, tracker: TrainingTracker,
+                loop_start: float) -> dict[str, Any]:
+    """Rank 0: last.pt (and best.pt when it improved), the metrics row, its plot and progress line; returns what
+    Ray Train's checkpoint of this epoch holds (see raydist.train.ray_checkpoint)."""
+    run, mcfg, epoch = s.job["run"], s.job["model"], row["epoch"]
+    t_ckpt = time.perf_counter()
+    train_state = {
+        "epoch": epoch, "optimizer": s.optimizer.state_dict(),
+        "schedulers": [sched.state_dict() for sched in s.schedulers], "method": s.method.state_dict(),
+        "best_score": list(p.best_score), "best_epoch": p.best_epoch, "peak_pgd": p.peak_pgd,
+        "train_seconds": p.train_seconds,
+        "stopped": p.stopped, "torch_rng": torch.get_rng_state(),
+        "history": [*p.history, row],  # metrics.jsonl's rows, to rebuild a lost run directory
+    }
+    save_checkpoint(s.run_dir / LAST, s.base_model, model_spec=s.spec, epoch=epoch, metrics=row,
+                    train_state=train_state, **s.meta)
+    if improved:
+        save_checkpoint(s.run_dir / BEST, s.base_model, model_spec=s.spec, epoch=epoch, metrics=row,
+                        method_state=s.method.state_dict(), **s.meta)
+    row["checkpoint_seconds"] = time.perf_counter() - t_ckpt  # what training waits for at the epoch's end
+    artifacts.append_metrics(s.run_dir, row)
+    tracker.epoch(row)
+    p.history.append(row)
+    artifacts.plot_curves(s.run_dir, p.history, title=f"{run['name']}: {s.job['method']['name']}, "
+                                                      f"{mcfg['name']} ({mcfg['activation']})")
+    # best.pt travels in an epoch's Ray checkpoint when it changed, and in the first one a (re)started
+    # group reports (an earlier run's checkpoints may be gone)
+    with_best = (s.run_dir / BEST).exists() and (improved or p.best_holder is None)
+    if with_best:
+        p.best_holder = ray_checkpoint.dir_name(epoch)
+    if run["progress"]:
+        per_epoch = (time.perf_counter() - loop_start) / (epoch - p.start_epoch)  # validation included
+        remaining = 0 if p.stopped else (s.epochs - epoch) * per_epoch
+        _say(_progress_line(row, s.epochs, remaining))
+        if p.stopped:
+            _say(f"validation PGD accuracy fell {100 * (p.peak_pgd - row['val_pgd_acc']):.1f} points below "
+                 f"its peak of {100 * p.peak_pgd:.1f}%: stopping (eval.guard_drop); "
+                 f"best.pt is epoch {p.best_epoch}")
+    return {"run_dir": s.run_dir, "epoch": epoch, "with_best": with_best, "best_in": p.best_holder}
 
 
 def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
