@@ -33,6 +33,7 @@ from conftest import free_port, tiny_job  # noqa: E402
 
 WAIT_S = 300
 EPOCHS = 2  # the fault strikes in epoch 2, which the restarted group redoes
+ELASTIC_EPOCHS = 3  # epoch 1 on two workers, the node lost in epoch 2, epochs 2 and 3 on one
 
 
 def _train_workers() -> list[dict]:
@@ -101,6 +102,10 @@ def main() -> int:
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
     # a worker group waits this long for its resources before Ray Train tries again (elastic: with fewer workers)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+    # a removed node is declared dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s), as a cluster
+    # would declare a lost spot instance; only how long the scenarios wait changes
+    os.environ.setdefault("RAY_health_check_period_ms", "1000")
+    os.environ.setdefault("RAY_health_check_failure_threshold", "3")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(), "gcs_server_port": gcs_port,
         "dashboard_agent_listen_port": free_port()})
@@ -173,7 +178,7 @@ def main() -> int:
 
             thread = _after_first_epoch(out / "runs" / "elastic", out / "runs" / "elastic" / "ray" / "train",
                                         shrink, rec)
-            rec["summary"] = _train(out, "elastic", 4, scaling={"min_workers": 1, "resize_interval_s": 5},
+            rec["summary"] = _train(out, "elastic", ELASTIC_EPOCHS, scaling={"min_workers": 1, "resize_interval_s": 5},
                                     max_failures=3)
             thread.join(timeout=5)
 

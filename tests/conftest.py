@@ -68,10 +68,12 @@ def free_port() -> int:
 
 
 def tiny_job(tmp_path: Path, **sections) -> dict:
-    """A digits job that trains in seconds on one CPU: width-8 ResNet-18, few epochs, capped test set."""
+    """A digits job that trains in seconds on one CPU: width-8 ResNet-18 on 16x16 digits (the native images are
+    8x8), few epochs, 100 validation images, capped test set."""
     job = {
         "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},
-        "data": {"dataset": "digits", "batch_size": 64, "eval_batch_size": 200, "crop": 2, "flip": False},
+        "data": {"dataset": "digits", "image_size": 16, "val_size": 100, "batch_size": 64, "eval_batch_size": 200,
+                 "crop": 2, "flip": False},
         "model": {"name": "resnet18", "width": 8},
         "method": {"name": "fgsm_sdi", "epsilon": "32/255", "k": 5},
         "optim": {"epochs": 2, "lr": 0.05, "schedule": "cyclic"},

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cluster_faults import EPOCHS
+from cluster_faults import ELASTIC_EPOCHS, EPOCHS
+from conftest import tiny_job
 
 from raydist.data import load_dataset
 from raydist.models import load_checkpoint
@@ -41,7 +42,7 @@ def _epochs(run_dir: Path) -> list[int]:
 
 
 def _n_train() -> int:
-    return len(load_dataset("digits", val_size=200).train_y)
+    return len(load_dataset("digits", val_size=tiny_job(ROOT)["data"]["val_size"]).train_y)
 
 
 def test_two_workers_train_on_two_nodes(outcome):
@@ -114,17 +115,17 @@ def test_an_elastic_run_goes_on_with_fewer_workers(outcome):
     assert "fault_error" not in rec, rec.get("fault_error")
     run_dir = out / "runs" / "elastic"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == list(range(1, ELASTIC_EPOCHS + 1))
     sizes = [r["workers"] for r in rows]
     assert sizes[0] == 2 and sizes[-1] == 1, sizes
-    # the same schedule as a fixed-size run: cyclic lr over 5 epochs, whatever the number of steps per epoch
+    # the same schedule as a fixed-size run: cyclic lr over its epochs, whatever the number of steps per epoch
     import yaml
 
     from raydist.train.schedules import lr_multiplier
 
     optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
-    assert optim["schedule"] == "cyclic" and optim["epochs"] == 4
-    at = lr_multiplier("cyclic", epochs=4, steps_per_epoch=1000, milestones=None, gamma=optim["gamma"],
+    assert optim["schedule"] == "cyclic" and optim["epochs"] == ELASTIC_EPOCHS
+    at = lr_multiplier("cyclic", epochs=ELASTIC_EPOCHS, steps_per_epoch=1000, milestones=None, gamma=optim["gamma"],
                        peak=optim["peak"])  # at an epoch's end the cyclic lr does not depend on its steps
     for r in rows:
         assert abs(r["lr"] - optim["lr"] * at(r["epoch"] * 1000)) < 1e-6, (r["epoch"], r["lr"])

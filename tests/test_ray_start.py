@@ -100,13 +100,16 @@ def test_ray_processes_find_raydists_ray_not_a_dead_head_and_a_run_without_resou
 def test_a_sweep_runs_every_trial_beside_a_foreign_live_ray(tmp_path, ray_session):
     """ray_current_cluster names this test session's Ray, alive and not raydist's: the sweep's trials run on
     raydist's own Ray, each trial's placement group is watched by a working cleaner, and all trials finish."""
+    # each trial's worker takes both of the Ray's CPUs: the second trial starts only if the first one's placement
+    # group was freed
     job = tiny_job(tmp_path, model={"width": 4}, method={"name": "fgsm_rs"}, optim={"epochs": 1},
+                   scaling={"num_workers": 1, "cpus_per_worker": 2},
                    eval={"val_steps": 2, "test_attacks": ["clean"], "test_samples": 32})
     job["method"].pop("k")
     write_job(tmp_path, job, "base.yaml")
     sweep = {"base": "base.yaml", "space": {"optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.2}},
              "search": {"seed": 0}, "scheduler": {"type": "none"},
-             "budget": {"num_trials": 3, "max_concurrent_trials": 2},
+             "budget": {"num_trials": 2, "max_concurrent_trials": 1},
              "run": {"name": "sw", "output_dir": str(tmp_path / "sweeps")}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     tmp = _ray_tmpdir(ray_session.get_runtime_context().gcs_address)
@@ -119,7 +122,7 @@ def test_a_sweep_runs_every_trial_beside_a_foreign_live_ray(tmp_path, ray_sessio
     assert proc.returncode == 0, out[-3000:]
     with open(tmp_path / "sweeps" / "sw" / "trials.csv") as f:
         states = [row["state"] for row in csv.DictReader(f)]
-    assert states == ["completed"] * 3
+    assert states == ["completed"] * 2
     trouble = [t for t in CLEANER_TROUBLE if t in out]
     assert not trouble, trouble
 

@@ -105,7 +105,7 @@ def test_submit_follow_runs_the_job_on_the_cluster(tmp_path, ray_head, capsys, m
     monkeypatch.setenv("RAY_ADDRESS", ray_head)  # the address comes from the environment too
     out = tmp_path / "runs"
     sets = [f"run.output_dir={out}", "optim.epochs=1", "scaling.cpus_per_worker=1", "eval.test_samples=32",
-            "eval.test_attacks=clean,pgd3", "eval.val_steps=2"]
+            "eval.test_attacks=clean,pgd3", "eval.val_steps=2", "data.image_size=16", "data.val_size=100"]
     args = ["submit", JOB, "--follow"]
     for s in sets:
         args += ["--set", s]

@@ -49,7 +49,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     model, ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["model"]["name"] == "resnet18" and ckpt["model"]["num_classes"] == 10
     assert ckpt["epsilon"] == pytest.approx(32 / 255) and ckpt["epoch"] == 2
-    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 10)
     ts = ckpt["train_state"]
     assert {"optimizer", "schedulers", "method", "epoch", "torch_rng"} <= set(ts)
     assert "generator" in str(list(ts["method"]))  # FGSM-SDI's generator state travels with the run
@@ -92,7 +92,11 @@ def test_two_ray_workers_see_each_sample_once_per_epoch(tmp_path):
 
 
 def test_two_worker_ddp_training(tmp_path):
-    """DDP across two Ray workers runs to the end."""
+    """DDP across two Ray workers runs to the end, and the test accuracy in summary.json is that of last.pt's
+    weights (BatchNorm statistics included: each rank's differ after training until rank 0's are broadcast)."""
+    from raydist.data import DeviceLoader, load_dataset
+    from raydist.evaluate import accuracy_under_attacks
+
     job = tiny_job(tmp_path, scaling={"num_workers": 2}, optim={"epochs": 1},
                    eval={"test_attacks": ["clean", "pgd10"], "test_samples": 32})
     assert main(["train", str(write_job(tmp_path, job))]) == 0
@@ -100,6 +104,52 @@ def test_two_worker_ddp_training(tmp_path):
     assert summary["n_test"] == 32
     rows = _rows(tmp_path / "runs" / "t")
     assert len(rows) == 1
+    data = job["data"]
+    splits = load_dataset("digits", val_size=data["val_size"], image_size=data["image_size"])
+    model, _ = load_checkpoint(tmp_path / "runs" / "t" / "last.pt")
+    counts = accuracy_under_attacks(model, DeviceLoader(splits.test_x[:32], splits.test_y[:32], batch_size=32,
+                                                        shuffle=False), ["clean"], 32 / 255)
+    assert summary["last"]["accuracy"]["clean"] == counts["clean"].item() / 32
+
+
+def _buffers_after_training(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raydist.models import create_model
+    from raydist.train.loop import _sync_buffers
+
+    def gathered() -> list[torch.Tensor]:
+        stats = torch.cat([b.flatten().double() for b in model.buffers()])
+        everyone = [torch.zeros_like(stats) for _ in range(world)]
+        dist.all_gather(everyone, stats)
+        return everyone
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, width=4)
+    ddp = DistributedDataParallel(model)
+    torch.manual_seed(1 + rank)  # each rank its own batch, as each trains on its own shard
+    ddp(torch.rand(8, 3, 16, 16)).sum().backward()
+    before = gathered()
+    _sync_buffers(model)
+    after = gathered()
+    if rank == 0:
+        torch.save({"before": before, "after": after}, out)
+    dist.destroy_process_group()
+
+
+def test_evaluation_sees_rank_0s_batchnorm_statistics_on_every_rank(tmp_path):
+    """After a DDP training step each rank's BatchNorm statistics are those of its own last batch; the loop
+    broadcasts rank 0's (those last.pt / best.pt hold) before every validation and test."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    out = str(tmp_path / "stats.pt")
+    mp.spawn(_buffers_after_training, args=(2, free_port(), out), nprocs=2, join=True)
+    stats = torch.load(out, weights_only=True)
+    assert not torch.equal(*stats["before"])
+    assert torch.equal(*stats["after"])
 
 
 def test_in_process_mode_with_compile_in_a_child_process(tmp_path, ray_session):
@@ -109,7 +159,8 @@ def test_in_process_mode_with_compile_in_a_child_process(tmp_path, ray_session):
     raydist.train.speed). A child process with a time limit, joined to this session's Ray: native code that
     hangs or crashes fails this test, not the session."""
     job = tiny_job(tmp_path, run={"name": "local", "compile": "true"}, scaling={"num_workers": 0},
-                   model={"width": 8}, optim={"epochs": 1}, method={"name": "fgsm_rs"},
+                   data={"image_size": 32, "val_size": 200}, model={"width": 8}, optim={"epochs": 1},
+                   method={"name": "fgsm_rs"},
                    eval={"test_attacks": ["clean"], "test_samples": 32})
     job["method"].pop("k")
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -49,6 +49,15 @@ def _all_reduce(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, flat.tolist()))
 
 
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm running statistics) before an evaluation. DDP broadcasts them
+    at the start of each forward pass, so after the last training step each rank holds the statistics of its own
+    last batch; evaluated that way, the all-reduced accuracy would not be that of the weights rank 0 saves."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def _autocast(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -438,6 +447,7 @@ def _epoch(s: _Setup, p: _Progress, epoch: int, watchdog: Watchdog) -> tuple[dic
     p.images_here += sums["n"]
     tr = _all_reduce(sums)
     val_attacks = ["clean", f"pgd{ecfg['val_steps']}"]
+    _sync_buffers(s.base_model)  # the model rank 0 saves below is the one validated
     batches = watchdog.beating(s.val, f"epoch {epoch + 1}/{epochs}, validation batch")
     val = _all_reduce(accuracy_under_attacks(s.base_model, batches, val_attacks, eps, seed=seed + epoch))
     watchdog.beat(f"epoch {epoch + 1}/{epochs}, checkpoint and report")
@@ -526,6 +536,7 @@ def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_
     for which, weights in (("last", None), ("best", best_weights)):
         if weights is not None:
             base_model.load_state_dict(weights)
+        _sync_buffers(base_model)  # the weights in rank 0's last.pt / best.pt, on every rank
         batches = watchdog.beating(test_loader, f"final test of {which}.pt, batch")
         counts = _all_reduce(accuracy_under_attacks(base_model, batches, attacks, eps, seed=seed + 7919))
         results[which] = {"accuracy": {a: counts[a] / counts["n"] for a in attacks}, "n": int(counts["n"])}
