@@ -100,10 +100,10 @@ def test_ray_processes_find_raydists_ray_not_a_dead_head_and_a_run_without_resou
 def test_a_sweep_runs_every_trial_beside_a_foreign_live_ray(tmp_path, ray_session):
     """ray_current_cluster names this test session's Ray, alive and not raydist's: the sweep's trials run on
     raydist's own Ray, each trial's placement group is watched by a working cleaner, and all trials finish."""
-    # each trial's worker takes both of the Ray's CPUs: the second trial starts only if the first one's placement
-    # group was freed
+    # each trial's worker takes 1.5 of the Ray's 2 CPUs (its trial process 0.01): the second trial starts only if
+    # the first one's placement group was freed
     job = tiny_job(tmp_path, model={"width": 4}, method={"name": "fgsm_rs"}, optim={"epochs": 1},
-                   scaling={"num_workers": 1, "cpus_per_worker": 2},
+                   scaling={"num_workers": 1, "cpus_per_worker": 1.5},
                    eval={"val_steps": 2, "test_attacks": ["clean"], "test_samples": 32})
     job["method"].pop("k")
     write_job(tmp_path, job, "base.yaml")
