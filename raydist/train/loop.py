@@ -284,7 +284,6 @@ class _Setup:
     schedulers: list
     epochs: int
     updates_per_step: int
-    steps_per_epoch: int
     train: Any
     val: Any
     test: Any
@@ -313,8 +312,6 @@ def _train(config: dict[str, Any], watchdog: Watchdog, tracker: TrainingTracker)
     s = _set_up(config)
     p = _resume(s, config.get("resume"))
     tracker.start(s.rank, s.job, s.run_dir)
-    if s.rank == 0:
-        p.history = artifacts.read_metrics(s.run_dir)
     loop_start = time.perf_counter()
     for epoch in range(p.start_epoch, s.epochs):
         if p.stopped:
@@ -325,8 +322,7 @@ def _train(config: dict[str, Any], watchdog: Watchdog, tracker: TrainingTracker)
     if config.get("final_test", True):  # sweep trials select on validation only and skip the test set
         watchdog.beat("final test")
         workers = _workers(s.rank, s.world, s.device, p.images_here, p.start_epoch + 1)
-        _final_test(s.job, s.run_dir, s.rank, s.base_model, p.best_weights, s.test, p.best_epoch, p.train_seconds,
-                    s.spec, s.meta, p.last_done, workers, watchdog)
+        _final_test(s, p, workers, watchdog)
     tracker.finish()
 
 
@@ -378,7 +374,6 @@ def _set_up(config: dict[str, Any]) -> _Setup:
     return _Setup(job=job, run_dir=Path(config["run_dir"]), session=session, rank=rank, world=world, device=device,
                   model=model, base_model=base_model, spec=spec, meta=meta, optimizer=optimizer, method=method,
                   schedulers=schedulers, epochs=epochs, updates_per_step=updates_per_step,
-                  steps_per_epoch=len(feed["train"]) * updates_per_step,
                   train=feed["train"], val=feed["val"], test=feed["test"])
 
 
@@ -399,7 +394,7 @@ def _resume(s: _Setup, resume: str | None) -> _Progress:
             # the schedule's place is the epoch boundary it stopped at: with another number of workers (an elastic
             # run that shrank or grew) an epoch has another number of steps, and the saved step count would land
             # the lr elsewhere on the schedule
-            sched.last_epoch = p.start_epoch * s.steps_per_epoch
+            sched.last_epoch = p.start_epoch * len(s.train) * s.updates_per_step
         p.peak_pgd = ts["peak_pgd"]
         p.train_seconds, p.stopped = ts["train_seconds"], ts["stopped"]
         if best_ckpt is not None:
@@ -415,6 +410,7 @@ def _resume(s: _Setup, resume: str | None) -> _Progress:
             _say(f"resuming {s.run_dir.name} after epoch {p.start_epoch}/{s.epochs}")
     if s.rank == 0:  # drop rows of an epoch that a failed attempt recorded but never checkpointed
         artifacts.truncate_metrics(s.run_dir, p.start_epoch)
+        p.history = artifacts.read_metrics(s.run_dir)
     p.last_done = p.start_epoch
     return p
 
@@ -523,9 +519,9 @@ def _checkpoint(s: _Setup, p: _Progress, row: dict[str, Any], improved: bool, tr
     return {"run_dir": s.run_dir, "epoch": epoch, "with_best": with_best, "best_in": p.best_holder}
 
 
-def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_epoch, train_seconds, spec,
-                meta, last_epoch, workers, watchdog: Watchdog) -> None:
+def _final_test(s: _Setup, p: _Progress, workers: list[dict], watchdog: Watchdog) -> None:
     """Evaluate the last and the best weights on the test set (never used for selection); rank 0 writes it."""
+    job, run_dir, base_model, spec, meta = s.job, s.run_dir, s.base_model, s.spec, s.meta
     attacks = list(job["eval"]["test_attacks"])
     if "clean" not in attacks:
         attacks.insert(0, "clean")
@@ -533,25 +529,25 @@ def _final_test(job, run_dir, rank, base_model, best_weights, test_loader, best_
     seed = job["run"]["seed"]
     results = {}
     last_weights = copy.deepcopy(base_model.state_dict())
-    for which, weights in (("last", None), ("best", best_weights)):
+    for which, weights in (("last", None), ("best", p.best_weights)):
         if weights is not None:
             base_model.load_state_dict(weights)
         _sync_buffers(base_model)  # the weights in rank 0's last.pt / best.pt, on every rank
-        batches = watchdog.beating(test_loader, f"final test of {which}.pt, batch")
+        batches = watchdog.beating(s.test, f"final test of {which}.pt, batch")
         counts = _all_reduce(accuracy_under_attacks(base_model, batches, attacks, eps, seed=seed + 7919))
         results[which] = {"accuracy": {a: counts[a] / counts["n"] for a in attacks}, "n": int(counts["n"])}
     base_model.load_state_dict(last_weights)
-    if rank != 0:
+    if s.rank != 0:
         return
-    results["last"]["epoch"] = last_epoch
-    results["best"]["epoch"] = best_epoch if best_weights is not None else last_epoch
+    results["last"]["epoch"] = p.last_done
+    results["best"]["epoch"] = p.best_epoch if p.best_weights is not None else p.last_done
     for which, name in (("last", LAST), ("best", BEST)):  # the weights each row is of
         if (run_dir / name).is_file():
             results[which]["sha256"] = file_sha256(run_dir / name)
     summary = {
         "run": job["run"]["name"], "method": meta["method"], "model": f"{spec['name']} ({spec['activation']})",
         "dataset": meta["dataset"], "epsilon": eps, "epsilon_text": _eps_text(eps), "attacks": attacks,
-        "n_test": results["last"]["n"], "train_minutes": train_seconds / 60.0,
+        "n_test": results["last"]["n"], "train_minutes": p.train_seconds / 60.0,
         "best": results["best"], "last": results["last"], "workers": workers,
     }
     artifacts.write_json(run_dir / artifacts.SUMMARY, summary)
